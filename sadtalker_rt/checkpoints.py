@@ -1,0 +1,182 @@
+"""Where the weights come from: official files as users have them, or synthetic weights.
+
+The official SadTalker release ships one safetensors file per render size holding five
+sub-networks under key prefixes, two MappingNet pickles, and (for ``--old_version``) legacy
+pickles. Every source ends in the same call, ``build_subnetwork(name, state_dict, source)``, so the
+synthetic weights used by tests and demos travel the exact path of an official checkpoint.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from .errors import WeightsError
+
+
+@dataclass(frozen=True)
+class SubNetwork:
+    module: str              # python module with official_template / checkpoint_filter_fn / build
+    prefix: str              # key prefix in SadTalker_V0.0.2_{size}.safetensors ("" if not there)
+    legacy_file: str         # the --old_version (or mapping) pickle
+    legacy_key: str          # entry of that pickle holding the state dict
+
+
+SUBNETWORKS: dict[str, SubNetwork] = {
+    "kp_extractor": SubNetwork("sadtalker_rt.models.kp_detector", "kp_extractor.", "facevid2vid_00189-model.pth.tar", "kp_detector"),
+    "generator": SubNetwork("sadtalker_rt.models.generator", "generator.", "facevid2vid_00189-model.pth.tar", "generator"),
+    "audio2exp": SubNetwork("sadtalker_rt.models.audio2exp", "audio2exp.", "auido2exp_00300-model.pth", "model"),
+    "audio2pose": SubNetwork("sadtalker_rt.models.audio2pose", "audio2pose.", "auido2pose_00140-model.pth", "model"),
+    "face_3drecon": SubNetwork("sadtalker_rt.models.face3d_recon", "face_3drecon.", "epoch_20.pth", "net_recon"),
+    "mapping": SubNetwork("sadtalker_rt.models.mapping", "", "mapping_00229-model.pth.tar", "mapping"),
+    "mapping_full": SubNetwork("sadtalker_rt.models.mapping", "", "mapping_00109-model.pth.tar", "mapping"),
+}
+
+# Sub-network configuration that is not in the weights' shapes.
+SUBNETWORK_CONFIG: dict[str, dict] = {"mapping": {"coeff_nc": 70}, "mapping_full": {"coeff_nc": 73}}
+
+
+def safetensors_name(size: int) -> str:
+    return f"SadTalker_V0.0.2_{size}.safetensors"
+
+
+def subnetwork_module(name: str):
+    return importlib.import_module(SUBNETWORKS[name].module)
+
+
+def official_template(name: str) -> dict:
+    return subnetwork_module(name).official_template(**SUBNETWORK_CONFIG.get(name, {}))
+
+
+def build_subnetwork(name: str, state_dict: Mapping, source: str):
+    """Official (unprefixed) state dict -> eval-mode torch module, refusing mismatches."""
+    return subnetwork_module(name).build(state_dict, source, **SUBNETWORK_CONFIG.get(name, {}))
+
+
+def select_prefix(state_dict: Mapping, prefix: str) -> dict:
+    """Keys that start with ``prefix``, with the prefix removed (never a substring match)."""
+    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
+def read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise WeightsError(f"{path} is not a readable safetensors file ({_first_line(err)}).") from None
+
+
+def read_pickle(path: Path, key: str) -> dict:
+    """A torch pickle read with ``weights_only=True``; returns ``checkpoint[key]``."""
+    import pickle
+    import zipfile
+
+    import torch
+
+    try:
+        checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+        raise WeightsError(f"{path} could not be read as a weights-only torch checkpoint ({_first_line(err)}).") from None
+    if not isinstance(checkpoint, dict) or key not in checkpoint:
+        found = sorted(checkpoint)[:6] if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise WeightsError(f"{path} has no '{key}' entry (found {found}); is it the right file?")
+    return checkpoint[key]
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:200] if text else type(err).__name__
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class WeightSource:
+    """Official files in a directory, or synthetic weights from a seed.
+
+    ``state_dict(name)`` returns the official, unprefixed state dict of one sub-network.
+    """
+
+    def __init__(self, checkpoints: Path | None = None, synthetic_seed: int | None = None, size: int = 256,
+                 old_version: bool = False):
+        if (checkpoints is None) == (synthetic_seed is None):
+            raise ValueError("give exactly one of checkpoints or synthetic_seed")
+        self.checkpoints = Path(checkpoints) if checkpoints is not None else None
+        self.synthetic_seed = synthetic_seed
+        self.size = size
+        self.old_version = old_version
+        self._safetensors: dict | None = None
+
+    @property
+    def synthetic(self) -> bool:
+        return self.synthetic_seed is not None
+
+    def describe(self) -> str:
+        if self.synthetic:
+            return f"synthetic weights (seed {self.synthetic_seed}); the output shows no real face motion"
+        return f"official checkpoints in {self.checkpoints}"
+
+    def identity(self) -> str:
+        """A short hash of what the weights are, for manifests and caches."""
+        if self.synthetic:
+            return f"synthetic-{self.synthetic_seed}"
+        digest = hashlib.sha256()
+        for name in sorted(self._files()):
+            path = self.checkpoints / name
+            digest.update(f"{name}:{path.stat().st_size}:{int(path.stat().st_mtime)}".encode())
+        return "official-" + digest.hexdigest()[:16]
+
+    def _files(self) -> list[str]:
+        names = {SUBNETWORKS["mapping"].legacy_file, SUBNETWORKS["mapping_full"].legacy_file}
+        if self.old_version:
+            names |= {s.legacy_file for s in SUBNETWORKS.values()}
+        else:
+            names.add(safetensors_name(self.size))
+        return sorted(n for n in names if (self.checkpoints / n).exists())
+
+    def _path(self, name: str) -> Path:
+        path = self.checkpoints / name
+        if not path.is_file():
+            raise WeightsError(f"{path} is missing; download the official SadTalker checkpoints into "
+                               f"{self.checkpoints} or use --synthetic-weights.")
+        if path.stat().st_size == 0:
+            raise WeightsError(f"{path} is empty.")
+        return path
+
+    def state_dict(self, name: str) -> dict:
+        spec = SUBNETWORKS[name]
+        if self.synthetic:
+            from .synthetic import synthetic_state_dict
+
+            return synthetic_state_dict(official_template(name), self.synthetic_seed)
+        if spec.prefix and not self.old_version:
+            if self._safetensors is None:
+                self._safetensors = read_safetensors(self._path(safetensors_name(self.size)))
+            selected = select_prefix(self._safetensors, spec.prefix)
+            if not selected:
+                raise WeightsError(f"{self.checkpoints / safetensors_name(self.size)} has no '{spec.prefix}*' keys; "
+                                   "it is not a SadTalker checkpoint.")
+            return selected
+        return read_pickle(self._path(spec.legacy_file), spec.legacy_key)
+
+    def source_name(self, name: str) -> str:
+        spec = SUBNETWORKS[name]
+        if self.synthetic:
+            return f"synthetic weights for {name}"
+        if spec.prefix and not self.old_version:
+            return f"{self.checkpoints / safetensors_name(self.size)} ['{spec.prefix}*']"
+        return f"{self.checkpoints / spec.legacy_file} ['{spec.legacy_key}']"
+
+    def build(self, name: str):
+        return build_subnetwork(name, self.state_dict(name), self.source_name(name))
