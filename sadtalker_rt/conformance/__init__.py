@@ -147,9 +147,10 @@ def run_case(root: Path, entry: dict, table: dict[str, Runner]) -> CaseResult:
 def run_directory(root: Path, on_result: Callable[[CaseResult], None] | None = None,
                   stages: set[str] | None = None) -> list[CaseResult]:
     root = Path(root)
+    index = load_index(root)
     table = runners()
     results = []
-    for entry in load_index(root):
+    for entry in index:
         if stages and entry["stage"] not in stages:
             continue
         result = run_case(root, entry, table)

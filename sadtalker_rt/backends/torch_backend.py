@@ -1,0 +1,70 @@
+"""The reference backend: stage modules built from official or synthetic weights, run eagerly."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..stages import STAGES, Stage
+from . import check_feeds
+
+
+class TorchRunner:
+    def __init__(self, stage: Stage, module, device: str):
+        import torch
+
+        self.stage = stage
+        self.module = module.to(device).eval()
+        self.device = torch.device(device)
+        self._resident: dict[str, tuple[np.ndarray, object]] = {}
+
+    def _tensor(self, name: str, array: np.ndarray):
+        import torch
+
+        # Per-avatar inputs (batch 1, same array object every call) are uploaded once and kept on the device.
+        cached = self._resident.get(name)
+        if cached is not None and cached[0] is array:
+            return cached[1]
+        tensor = torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
+        if self.stage.input(name).shape[0] == 1 and self.device.type != "cpu":
+            self._resident[name] = (array, tensor)
+        return tensor
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        check_feeds(self.stage, feeds)
+        with torch.inference_mode():
+            outputs = self.module(**{k: self._tensor(k, v) for k, v in feeds.items()})
+        if not isinstance(outputs, (tuple, list)):
+            outputs = (outputs,)
+        return {t.name: o.float().cpu().numpy() if t.dtype == "float32" else o.cpu().numpy()
+                for t, o in zip(self.stage.outputs, outputs)}
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, weights, size: int = 256, device: str = "cpu"):
+        self.weights = weights
+        self.size = size
+        self.device = device
+        self._runners: dict[str, TorchRunner] = {}
+        self._subnetworks: dict[str, object] = {}
+
+    def subnetwork(self, name: str):
+        if name not in self._subnetworks:
+            self._subnetworks[name] = self.weights.build(name)
+        return self._subnetworks[name]
+
+    def runner(self, stage: str) -> TorchRunner:
+        if stage not in self._runners:
+            from ..models.stage_modules import stage_module
+
+            module = stage_module(stage, self.subnetwork)
+            self._runners[stage] = TorchRunner(STAGES[stage], module, self.device)
+        return self._runners[stage]
+
+    def describe(self) -> dict:
+        import torch
+
+        return {"backend": "torch", "device": self.device, "torch": torch.__version__,
+                "weights": self.weights.identity(), "precision": "fp32"}

@@ -1,0 +1,186 @@
+"""The ``sadtalker-rt`` command line: a thin layer over the Python API.
+
+Every failure the user can cause ends in one line on stderr and an exit code per class of
+problem (see ``sadtalker_rt.errors``); ``--debug`` shows the traceback instead.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .errors import SadTalkerError, UsageError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Export, optimize and run SadTalker talking-head generation.")
+_state = {"debug": False}
+
+SYNTHETIC_HELP = "use synthetic weights (optionally from SEED, default 0) instead of official checkpoints"
+CHECKPOINTS_HELP = "directory with the official SadTalker checkpoints"
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="show tracebacks")) -> None:
+    _state["debug"] = debug
+
+
+def weight_source(checkpoints: Optional[Path], synthetic_weights: Optional[int], size: int, old_version: bool = False):
+    from .checkpoints import WeightSource
+
+    if (checkpoints is None) == (synthetic_weights is None):
+        raise UsageError("give either --checkpoints DIR (official weights) or --synthetic-weights [SEED].")
+    if checkpoints is not None and not checkpoints.is_dir():
+        raise UsageError(f"--checkpoints {checkpoints} is not a directory.")
+    if size not in (256, 512):
+        raise UsageError(f"--size must be 256 or 512, not {size}.")
+    return WeightSource(checkpoints, synthetic_weights, size=size, old_version=old_version)
+
+
+@app.command()
+def conformance(
+    cases_dir: Path = typer.Argument(..., help="directory with manifest/ and cases/ (index.json, *.npz)"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write the results as JSON"),
+    stage: Optional[list[str]] = typer.Option(None, "--stage", help="run only these stages"),
+) -> None:
+    """Run recorded official numerics through the project's loaders and modules."""
+    import json
+
+    from .conformance import run_directory
+
+    shown = []
+
+    def show(result) -> None:
+        if not shown:
+            typer.echo(f"{'stage':<26}{'case':<10}{'worst rel err':>14}  result")
+        shown.append(result)
+        verdict = "pass" if result.passed else "FAIL"
+        flips = sum(o.threshold_flips for o in result.outputs)
+        extra = f"  ({flips} mask threshold flips)" if flips else ""
+        extra += f"  {result.error}" if result.error else ""
+        failing = [o.name for o in result.outputs if not o.passed]
+        extra += f"  failing: {', '.join(failing)}" if failing else ""
+        typer.echo(f"{result.stage:<26}{result.case:<10}{result.worst_rel:>14.2e}  {verdict}{extra}")
+
+    results = run_directory(cases_dir, on_result=show, stages=set(stage) if stage else None)
+    failed = [r for r in results if not r.passed]
+    typer.echo(f"{len(results) - len(failed)} passed, {len(failed)} failed")
+    if json_out:
+        json_out.write_text(json.dumps([
+            {"stage": r.stage, "case": r.case, "passed": r.passed, "worst_rel": r.worst_rel, "error": r.error,
+             "seconds": round(r.seconds, 3),
+             "outputs": [vars(o) for o in r.outputs]} for r in results], indent=2))
+    if failed or not results:
+        raise typer.Exit(1)
+
+
+@app.command()
+def run(
+    image: Path = typer.Argument(..., help="photo with one face (PNG, JPEG, WebP, ...)"),
+    audio: Path = typer.Argument(..., help="speech (WAV, MP3, FLAC, M4A, ...)"),
+    output: Path = typer.Option(Path("out.mp4"), "-o", "--output", help="mp4 to write"),
+    checkpoints: Optional[Path] = typer.Option(None, "--checkpoints", help=CHECKPOINTS_HELP),
+    synthetic_weights: Optional[int] = typer.Option(None, "--synthetic-weights", metavar="[SEED]", help=SYNTHETIC_HELP),
+    engines: Optional[Path] = typer.Option(None, "--engines", help="exported graphs or built engines"),
+    backend: str = typer.Option("torch", "--backend", help="torch, onnxruntime or tensorrt"),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda (torch and onnxruntime backends)"),
+    size: int = typer.Option(256, "--size", help="render size: 256 or 512"),
+    preprocess: str = typer.Option("crop", "--preprocess", help="crop, extcrop, resize, full or extfull"),
+    still: bool = typer.Option(False, "--still", help="keep the head pose of the photo"),
+    pose_style: int = typer.Option(0, "--pose-style", help="head-motion style, 0..45"),
+    expression_scale: float = typer.Option(1.0, "--expression-scale", help="scale of the expression motion"),
+    seed: int = typer.Option(0, "--seed", help="seed of blinks and head-motion latents"),
+    batch_size: int = typer.Option(2, "--batch-size", help="frames per renderer call"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output"),
+    old_version: bool = typer.Option(False, "--old-version", help="load the legacy .pth checkpoints"),
+    duration: Optional[float] = typer.Option(None, "--duration", help="use only the first SECONDS of the audio"),
+    quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
+) -> None:
+    """Animate IMAGE with AUDIO into an mp4 (H.264 + AAC, 25 fps)."""
+    import time
+
+    from .pipeline import Options, TalkingHead
+    from .progress import StageBars
+
+    options = Options(pose_style=pose_style, expression_scale=expression_scale, still=still, seed=seed,
+                      batch_size=batch_size, duration=duration)
+    options.validate()
+    if output.exists() and not overwrite:
+        from .errors import OutputError
+
+        raise OutputError(f"{output} exists; pass --overwrite to replace it.")
+    if backend == "torch":
+        if engines is not None:
+            raise UsageError("--engines is for --backend onnxruntime or tensorrt.")
+        weights = weight_source(checkpoints, synthetic_weights, size, old_version)
+        if weights.synthetic:
+            typer.echo(f"note: {weights.describe()}.", err=True)
+        head = TalkingHead.from_weights(weights, size=size, device=device)
+    else:
+        if checkpoints is not None or synthetic_weights is not None:
+            raise UsageError(f"--backend {backend} reads --engines DIR; weights were fixed at export.")
+        head = TalkingHead.from_engines(engines, backend=backend, device=device)
+        if size != head.size and size != 256:
+            raise UsageError(f"--size {size} does not match the engines in {engines} (size {head.size}).")
+        for line in getattr(head.backend, "notes", []):
+            typer.echo(f"note: {line}", err=True)
+    bars = StageBars(None if not quiet else False)
+    start = time.perf_counter()
+    avatar = head.prepare_avatar(image, preprocess)
+    for line in avatar.notes:
+        typer.echo(f"note: {line}", err=True)
+    head.write_video(avatar, audio, output, options, overwrite=overwrite, progress=bars)
+    bars.close()
+    typer.echo(f"wrote {output} in {time.perf_counter() - start:.1f} s")
+
+
+def _normalize_argv(argv: list[str]) -> list[str]:
+    """``--synthetic-weights`` takes an optional seed (a bare flag means seed 0); ``--debug`` may stand anywhere."""
+    out = ["--debug"] if "--debug" in argv else []
+    argv = [a for a in argv if a != "--debug"]
+    for i, arg in enumerate(argv):
+        if arg == "--synthetic-weights":
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            if nxt is None or not nxt.lstrip("-").isdigit():
+                out.append("--synthetic-weights=0")
+                continue
+        out.append(arg)
+    return out
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    import click
+
+    args = _normalize_argv(list(sys.argv[1:] if argv is None else argv))
+    debug = "--debug" in args
+    try:
+        app(args=args, prog_name="sadtalker-rt", standalone_mode=False)
+    except SadTalkerError as err:
+        if debug:
+            raise
+        typer.echo(f"error: {err}", err=True)
+        sys.exit(err.exit_code)
+    except click.exceptions.Exit as exit_:
+        sys.exit(exit_.exit_code)
+    except click.ClickException as err:
+        typer.echo(f"error: {err.format_message()}", err=True)
+        sys.exit(UsageError.exit_code)
+    except click.exceptions.Abort:
+        typer.echo("error: interrupted.", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        typer.echo("error: interrupted.", err=True)
+        sys.exit(130)
+    except MemoryError:
+        typer.echo("error: out of memory; try a smaller --batch-size or --size 256.", err=True)
+        sys.exit(1)
+    except Exception as err:  # a bug of ours: still one line, the traceback behind --debug
+        if debug:
+            raise
+        typer.echo(f"error: internal error ({type(err).__name__}: {err}); run with --debug for the traceback.", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Coefficient sequences around the audio-to-coefficient models (numpy and scipy only).
+
+Blink ratios (spec 3.2), the Audio2Pose chunk layout (5.3), pose smoothing (5.4) and the renderer's
+27-frame coefficient windows (6). Randomness is explicit: callers pass a ``numpy.random.Generator``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+BLINK_PROFILE = np.array([0.5, 0.9, 1.0, 0.9, 0.5], dtype=np.float32)
+POSE_SEQ_LEN = 32                   # Audio2Pose CVAE chunk length (SEQ_LEN)
+SMOOTH_WINDOW = 13
+SMOOTH_ORDER = 2
+SEMANTIC_RADIUS = 13
+EXP_DIMS = 64                       # cols 0:64 expression, 64:70 pose, 70:73 crop (s, tx, ty)
+COEFF_DIMS = 70
+FULL_COEFF_DIMS = 73
+
+
+def blink_sequence(T: int, rng: np.random.Generator) -> np.ndarray:
+    """(T, 1) float32 eye-blink ratios: 5-frame blinks at random gaps, none for T <= 20.
+
+    The official procedure draws each gap from range(min(10, T), min(T // 2, 70)); where that range
+    is empty (T = 21, where the official code crashes) there are no blinks.
+    """
+    ratio = np.zeros((T, 1), dtype=np.float32)
+    if T <= 20:
+        return ratio
+    low, high = min(10, T), min(T // 2, 70)
+    frame_id = 0
+    while low < high and frame_id < T:
+        start = int(rng.integers(low, high))
+        first = frame_id + start
+        if first + len(BLINK_PROFILE) > T - 1:
+            break
+        ratio[first:first + len(BLINK_PROFILE), 0] = BLINK_PROFILE
+        frame_id = first + len(BLINK_PROFILE)
+    return ratio
+
+
+@dataclass(frozen=True)
+class PoseChunk:
+    """One CVAE call over ``mels[:, 1:]`` (frame 0 is the reference frame, motion 0).
+
+    ``start:stop`` are the audio frames encoded (fewer than 32 only when the whole sequence is
+    shorter; the encoder output is then front-padded by repeating its first frame); the last
+    ``keep`` decoded motions are used.
+    """
+
+    start: int
+    stop: int
+    keep: int
+
+
+def pose_chunks(T: int) -> list[PoseChunk]:
+    """The chunk layout of ``Audio2Pose.test`` for T frames; one latent vector per chunk."""
+    if T < 1:
+        raise ValueError(f"a pose sequence needs at least one frame, got T={T}")
+    n = T - 1
+    full, rest = divmod(n, POSE_SEQ_LEN)
+    chunks = [PoseChunk(k * POSE_SEQ_LEN, (k + 1) * POSE_SEQ_LEN, POSE_SEQ_LEN) for k in range(full)]
+    if rest:
+        chunks.append(PoseChunk(max(0, n - POSE_SEQ_LEN), n, rest))
+    return chunks
+
+
+def smoothing_window(T: int) -> int:
+    """13, or the largest odd window <= T for shorter sequences (1 or 0 below 3 frames)."""
+    return SMOOTH_WINDOW if T >= SMOOTH_WINDOW else (T - 1) // 2 * 2 + 1
+
+
+def smooth_pose(pose: np.ndarray) -> np.ndarray:
+    """Savitzky-Golay along time (order 2, mode 'interp') of (T, 6) or (1, T, 6) poses.
+
+    Sequences shorter than 3 frames have no window a quadratic fits; they are returned unchanged
+    (the official code raises there).
+    """
+    from scipy.signal import savgol_filter
+
+    pose = np.asarray(pose)
+    T = pose.shape[-2]
+    window = smoothing_window(T)
+    if window <= SMOOTH_ORDER:
+        return pose.copy()
+    return savgol_filter(pose, window, SMOOTH_ORDER, axis=-2, mode="interp")
+
+
+def semantic_windows(coeffs: np.ndarray, source_coeffs: np.ndarray, *, full: bool, still: bool,
+                     expression_scale: float, radius: int = SEMANTIC_RADIUS) -> tuple[np.ndarray, np.ndarray]:
+    """The renderer's coefficient windows.
+
+    Args:
+        coeffs: (T, 70) generated coefficients (expression, pose).
+        source_coeffs: (1, 70) or (1, 73) coefficients of the source image; "full" modes need 73.
+        full: a "full"/"extfull" preprocess mode: the crop params (cols 70:73) join every window.
+        still: replace the generated pose (and crop params) by the source's.
+        expression_scale: multiplies the 64 generated expression coefficients.
+        radius: half window; 13 gives 27 frames.
+
+    Returns:
+        source_semantics (1, C, 2r+1) and target_semantics (T, C, 2r+1), C = 73 if full else 70;
+        windows past either end replicate the edge frame.
+    """
+    channels = FULL_COEFF_DIMS if full else COEFF_DIMS
+    source = np.asarray(source_coeffs).reshape(1, -1)
+    if source.shape[1] < channels:
+        raise ValueError(f"source coefficients have {source.shape[1]} values; {channels} are needed"
+                         + (" in a full preprocess mode" if full else ""))
+    target = np.array(np.asarray(coeffs)[:, :COEFF_DIMS])
+    source = source[:, :channels].astype(target.dtype, copy=False)
+    target[:, :EXP_DIMS] = target[:, :EXP_DIMS] * expression_scale
+    if full:
+        target = np.concatenate([target, np.repeat(source[:, COEFF_DIMS:], len(target), axis=0)], axis=1)
+    if still:
+        target[:, EXP_DIMS:] = source[:, EXP_DIMS:]
+    width = 2 * radius + 1
+    source_semantics = np.repeat(source[:, :, None], width, axis=2)
+    offsets = np.arange(-radius, radius + 1)
+    index = np.clip(np.arange(len(target))[:, None] + offsets[None, :], 0, max(len(target) - 1, 0))
+    target_semantics = np.ascontiguousarray(target[index].transpose(0, 2, 1))
+    return source_semantics, target_semantics

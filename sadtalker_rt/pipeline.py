@@ -1,0 +1,256 @@
+"""The Python API: load models once, prepare an avatar once, generate frames from any audio.
+
+    from sadtalker_rt import pipeline
+    head = pipeline.TalkingHead.from_weights(WeightSource(synthetic_seed=0))
+    avatar = head.prepare_avatar("photo.png", preprocess="crop")
+    for frame in head.generate(avatar, "speech.wav"):
+        ...                      # frame.image: (H, W, 3) uint8 RGB, frame.timestamp in seconds
+    head.write_video(avatar, "speech.wav", "out.mp4")
+
+Every stage runs through a backend runner bound by name (see ``sadtalker_rt.stages``); the glue
+between stages is numpy, so the same code drives torch, onnxruntime and TensorRT.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Union
+
+import numpy as np
+
+from .errors import InputError, UsageError
+from .stages import PREPROCESS_MODES, mapping_stage
+
+FPS = 25
+SAMPLE_RATE = 16000
+Progress = Callable[[str, int, int], None]   # (stage, done, total)
+ImageLike = Union[str, Path, np.ndarray]
+AudioLike = Union[str, Path, np.ndarray]
+
+
+@dataclass
+class Options:
+    """What shapes the motion. Defaults are the official ones."""
+
+    pose_style: int = 0            # PoseVAE class, 0..45
+    expression_scale: float = 1.0
+    still: bool = False            # keep the source head pose (and crop) for every frame
+    seed: int = 0                  # blinks and pose latents; the same seed gives the same video
+    batch_size: int = 2            # frames per renderer call
+    duration: Optional[float] = None   # seconds of audio to use (None: all)
+
+    def validate(self) -> None:
+        if not 0 <= self.pose_style <= 45:
+            raise UsageError(f"--pose-style must be in 0..45, not {self.pose_style}.")
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size must be at least 1, not {self.batch_size}.")
+        if not np.isfinite(self.expression_scale):
+            raise UsageError("--expression-scale must be a finite number.")
+        if self.duration is not None and not self.duration > 0:
+            raise UsageError(f"--duration must be positive, not {self.duration}.")
+
+
+@dataclass
+class Avatar:
+    """Everything that depends only on the photo, computed once."""
+
+    size: int
+    preprocess: str
+    source_frame: np.ndarray           # (S, S, 3) uint8, the renderer's source image
+    source_coeffs: np.ndarray          # (1, 73): exp 64, angle 3, trans 3, crop (s, tx, ty)
+    crop_info: object                  # geometry for aspect restore and paste-back
+    original: Optional[np.ndarray]     # the full photo, kept for full/extfull paste-back
+    features: dict = field(default_factory=dict)   # kp_canonical, kp_source, feature_3d, source_compressed
+    notes: list = field(default_factory=list)
+
+    @property
+    def output_size(self) -> tuple[int, int]:
+        """(width, height) of the video."""
+        if "full" in self.preprocess:
+            h, w = self.original.shape[:2]
+            return w, h
+        if self.preprocess == "resize":
+            w, h = self.crop_info.tight_size
+            return self.size, max(2, int(self.size * h / w))
+        return self.size, self.size
+
+
+@dataclass
+class Frame:
+    index: int
+    timestamp: float                   # seconds from the start of the audio
+    image: np.ndarray                  # (H, W, 3) uint8 RGB
+
+
+@dataclass
+class Motion:
+    """Per-utterance motion coefficients, before rendering."""
+
+    coeffs: np.ndarray                 # (T, 70): expression 64, pose 6
+    wav: np.ndarray                    # 16 kHz mono float32, cut to T frames
+    indiv_mels: np.ndarray             # (T, 80, 16)
+
+    @property
+    def frames(self) -> int:
+        return self.coeffs.shape[0]
+
+
+def _noop(stage: str, done: int, total: int) -> None:
+    return None
+
+
+class TalkingHead:
+    def __init__(self, backend, size: int = 256):
+        self.backend = backend
+        self.size = size
+
+    @classmethod
+    def from_weights(cls, weights, size: int = 256, device: str = "cpu") -> "TalkingHead":
+        from .backends import open_backend
+
+        return cls(open_backend("torch", weights=weights, size=size, device=device), size)
+
+    @classmethod
+    def from_engines(cls, engines: Path, backend: str = "onnxruntime", device: str = "cpu") -> "TalkingHead":
+        from .backends import open_backend
+
+        opened = open_backend(backend, engines=Path(engines), device=device)
+        return cls(opened, opened.size)
+
+    def infer(self, stage: str, **feeds: np.ndarray) -> dict[str, np.ndarray]:
+        return self.backend.runner(stage).infer(feeds)
+
+    # -- once per photo -------------------------------------------------------------------------
+    def prepare_avatar(self, image: ImageLike, preprocess: str = "crop") -> Avatar:
+        from . import landmarks, media, preprocess as prep
+
+        if preprocess not in PREPROCESS_MODES:
+            raise UsageError(f"--preprocess must be one of {', '.join(PREPROCESS_MODES)}, not '{preprocess}'.")
+        name = str(image) if not isinstance(image, np.ndarray) else "the image"
+        photo = media.load_image(image) if not isinstance(image, np.ndarray) else np.ascontiguousarray(image)
+        notes = []
+        if preprocess == "resize":
+            frame, crop_info = prep.crop_source(photo, None, preprocess, self.size)
+        else:
+            found = landmarks.detect(photo, name=name)
+            notes += found.notes
+            frame, crop_info = prep.crop_source(photo, found.landmarks, preprocess, self.size)
+        # The official code finds landmarks again on the S x S crop for the 3DMM alignment.
+        on_frame = landmarks.detect(frame, name=f"the {preprocess} crop of {name}")
+        trans_params, aligned = prep.align_for_3dmm(frame, on_frame.landmarks)
+        coeffs257 = self.infer("face3d_recon", aligned_image=_chw(aligned))["coeffs"]
+        source_coeffs = prep.first_frame_coeffs(coeffs257, trans_params)
+        avatar = Avatar(self.size, preprocess, frame, source_coeffs, crop_info,
+                        photo if "full" in preprocess else None, notes=notes)
+        self._source_features(avatar)
+        return avatar
+
+    def _source_features(self, avatar: Avatar) -> None:
+        from .coeffs import semantic_windows
+
+        source_image = _chw(avatar.source_frame)
+        kp_canonical = self.infer("kp_detector", source_image=source_image)["kp_canonical"]
+        encoded = self.infer("source_encoder", source_image=source_image)
+        full = "full" in avatar.preprocess
+        source_semantics, _ = semantic_windows(avatar.source_coeffs[:, :70], avatar.source_coeffs, full=full,
+                                               still=False, expression_scale=1.0)
+        kp_source = self.infer(mapping_stage(avatar.preprocess), kp_canonical=kp_canonical,
+                               semantics=source_semantics.astype(np.float32))["kp"]
+        avatar.features = {"kp_canonical": kp_canonical, "kp_source": kp_source, **encoded}
+
+    # -- once per utterance ---------------------------------------------------------------------
+    def motion(self, avatar: Avatar, audio: AudioLike, options: Options = Options(),
+               progress: Progress = _noop) -> Motion:
+        from . import audio as audio_features, coeffs, media
+
+        options.validate()
+        wav = media.load_audio(audio, SAMPLE_RATE) if not isinstance(audio, np.ndarray) else audio.astype(np.float32)
+        if options.duration is not None:
+            wav = wav[: int(round(options.duration * SAMPLE_RATE))]
+        frames = audio_features.frame_count(len(wav))
+        if frames < 1:
+            raise InputError(f"{audio if not isinstance(audio, np.ndarray) else 'the audio'} is shorter than one "
+                             f"video frame ({len(wav) / SAMPLE_RATE * 1000:.0f} ms < 40 ms).")
+        wav = wav[: frames * SAMPLE_RATE // FPS]
+        mel = audio_features.melspectrogram(wav)
+        indiv = audio_features.mel_windows(mel, frames).astype(np.float32)      # (T, 80, 16)
+        rng = np.random.default_rng(options.seed)
+        blink = coeffs.blink_sequence(frames, rng).astype(np.float32)            # (T, 1)
+        ref = avatar.source_coeffs[0, :70].astype(np.float32)
+        progress("audio2exp", 0, 1)
+        exp = self.infer("audio2exp", indiv_mels=indiv[:, None], ref_exp=np.tile(ref[:64], (frames, 1)),
+                         blink=blink)["exp"]
+        progress("audio2exp", 1, 1)
+        pose = self._pose(indiv, ref[64:70], options, rng, progress)
+        pose = coeffs.smooth_pose(pose)
+        return Motion(np.concatenate([exp, pose], axis=1).astype(np.float32), wav, indiv)
+
+    def _pose(self, indiv: np.ndarray, ref_pose: np.ndarray, options: Options, rng: np.random.Generator,
+              progress: Progress) -> np.ndarray:
+        """PoseVAE over chunks of 32 frames after frame 0; the last partial chunk reuses the last 32 frames."""
+        frames = indiv.shape[0]
+        motion = [np.zeros((1, 6), np.float32)]
+        rest = indiv[1:]
+        chunks = -(-(frames - 1) // 32)
+        noise = rng.standard_normal((max(chunks, 1), 64)).astype(np.float32)
+        for k in range(chunks):
+            start = 32 * k
+            take = min(32, len(rest) - start)
+            window = rest[start:start + 32] if take == 32 else rest[-32:]
+            if len(window) < 32:    # fewer than 32 frames in all: repeat the first one in front
+                window = np.concatenate([np.repeat(window[:1], 32 - len(window), axis=0), window])
+            out = self.infer("audio2pose", indiv_mels=window[:, None], ref_pose=ref_pose[None],
+                             pose_style=np.array([options.pose_style], np.int64), noise=noise[k:k + 1])["motion"]
+            motion.append(out[-take:])
+            progress("audio2pose", k + 1, chunks)
+        return ref_pose[None] + np.concatenate(motion)[:frames]
+
+    # -- per frame ------------------------------------------------------------------------------
+    def render(self, avatar: Avatar, motion: Motion, options: Options = Options(),
+               progress: Progress = _noop) -> Iterator[Frame]:
+        from .coeffs import semantic_windows
+        from .compose import Compositor
+
+        full = "full" in avatar.preprocess
+        _, targets = semantic_windows(motion.coeffs, avatar.source_coeffs, full=full, still=options.still,
+                                      expression_scale=options.expression_scale)
+        targets = targets.astype(np.float32)
+        compositor = Compositor(avatar)
+        stage = mapping_stage(avatar.preprocess)
+        f = avatar.features
+        total = motion.frames
+        for start in range(0, total, options.batch_size):
+            batch = targets[start:start + options.batch_size]
+            kp = self.infer(stage, kp_canonical=f["kp_canonical"], semantics=batch)["kp"]
+            rendered = self.infer("renderer", feature_3d=f["feature_3d"], source_compressed=f["source_compressed"],
+                                  kp_source=f["kp_source"], kp_driving=kp)["frames"]
+            for i, chw in enumerate(rendered):
+                index = start + i
+                yield Frame(index, index / FPS, compositor(to_uint8(chw)))
+            progress("render", min(start + len(batch), total), total)
+
+    def generate(self, avatar: Avatar, audio: AudioLike, options: Options = Options(),
+                 progress: Progress = _noop) -> Iterator[Frame]:
+        yield from self.render(avatar, self.motion(avatar, audio, options, progress), options, progress)
+
+    def write_video(self, avatar: Avatar, audio: AudioLike, output: Union[str, Path], options: Options = Options(),
+                    overwrite: bool = False, progress: Progress = _noop) -> Path:
+        from .media import VideoWriter
+
+        motion = self.motion(avatar, audio, options, progress)
+        width, height = avatar.output_size
+        with VideoWriter(Path(output), width, height, audio=motion.wav, fps=FPS, sample_rate=SAMPLE_RATE,
+                         overwrite=overwrite) as writer:
+            for frame in self.render(avatar, motion, options, progress):
+                writer.write(frame.image)
+        return Path(output)
+
+
+def _chw(image_hwc: np.ndarray) -> np.ndarray:
+    """uint8 HWC RGB -> float32 (1, 3, H, W) in [0, 1], as the official skimage conversion gives."""
+    return (image_hwc.astype(np.float32) / 255.0).transpose(2, 0, 1)[None].copy()
+
+
+def to_uint8(chw: np.ndarray) -> np.ndarray:
+    """float (3, H, W) in [0, 1] -> uint8 HWC, rounding as skimage's img_as_ubyte."""
+    return np.rint(np.clip(chw.transpose(1, 2, 0), 0.0, 1.0) * 255.0).astype(np.uint8)
