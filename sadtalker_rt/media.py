@@ -52,8 +52,9 @@ def _require_readable_file(path: Path, kind: str) -> None:
 
 
 def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split()) or type(err).__name__
-    return text.rstrip(".")
+    """The reason inside an exception, without errno numbers or a repeated file name."""
+    text = getattr(err, "strerror", None) or str(err)
+    return " ".join(text.split()).rstrip(".") or type(err).__name__
 
 
 # ---------------------------------------------------------------------------------------- images
@@ -239,7 +240,7 @@ class VideoWriter:
     The mp4 is built in a hidden temporary file beside ``path`` and renamed over it only after a
     clean finish; any exception, KeyboardInterrupt included, removes the temporary file instead.
 
-        with VideoWriter("out.mp4", audio=load_audio("speech.wav")) as writer:
+        with VideoWriter("out.mp4", 256, 256, audio=load_audio("speech.wav")) as writer:
             for frame in frames:
                 writer.write(frame)
     """
@@ -247,8 +248,10 @@ class VideoWriter:
     def __init__(
         self,
         path: PathLike,
-        audio: np.ndarray | None = None,
+        width: int | None = None,
+        height: int | None = None,
         *,
+        audio: np.ndarray | None = None,
         fps: int = VIDEO_FPS,
         sample_rate: int = AUDIO_RATE,
         crf: int = 18,
@@ -261,10 +264,11 @@ class VideoWriter:
         self.crf = crf
         self.preset = preset
         self.overwrite = overwrite
-        self.audio = None if audio is None else np.ascontiguousarray(audio, dtype=np.float32).reshape(-1)
+        self.audio = None if audio is None else _mono_float32(audio)
         self.frames_written = 0
         self._audio_samples_fed = 0
-        self._frame_shape: tuple[int, int] | None = None
+        # Without width and height the first frame fixes the size.
+        self._frame_shape: tuple[int, int] | None = _expected_shape(width, height)
         self._container = None
         self._video_stream = None
         self._audio_stream = None
@@ -345,9 +349,12 @@ class VideoWriter:
         try:
             directory.mkdir(parents=True, exist_ok=True)
             handle, name = tempfile.mkstemp(prefix=f".{self.path.stem}.", suffix=".part.mp4", dir=directory)
+        except (FileExistsError, NotADirectoryError):
+            raise OutputError(f"Cannot write video file '{self.path}': part of the directory path is a file, not a directory.") from None
         except OSError as err:
             raise OutputError(f"Cannot write video file '{self.path}' in directory '{directory}' ({_one_line(err)}).") from None
         os.close(handle)
+        os.chmod(name, 0o666 & ~_current_umask())  # mkstemp makes it 0600; give the usual mode instead
         return Path(name)
 
     def _move_into_place(self) -> None:
@@ -393,7 +400,10 @@ class VideoWriter:
         if self._frame_shape is None:
             self._frame_shape = frame.shape[:2]
         elif frame.shape[:2] != self._frame_shape:
-            raise ValueError(f"Video frame {self.frames_written} is {frame.shape[:2]}, the first was {self._frame_shape}.")
+            raise ValueError(
+                f"Video frame {self.frames_written} is {frame.shape[1]}x{frame.shape[0]}, "
+                f"expected {self._frame_shape[1]}x{self._frame_shape[0]}."
+            )
         return frame
 
     def _encode_video_frame(self, frame: np.ndarray) -> None:
@@ -434,6 +444,29 @@ class VideoWriter:
             raise OutputError(f"Cannot write video file '{self.path}' ({_one_line(err)}).") from None
 
 
+def _expected_shape(width: int | None, height: int | None) -> tuple[int, int] | None:
+    if width is None and height is None:
+        return None
+    if width is None or height is None or int(width) <= 0 or int(height) <= 0:
+        raise ValueError(f"VideoWriter needs both width and height as positive integers, got {width}x{height}.")
+    return int(height), int(width)
+
+
+def _mono_float32(audio: np.ndarray) -> np.ndarray:
+    samples = np.asarray(audio, dtype=np.float32)
+    if samples.ndim == 2 and 1 in samples.shape:
+        samples = samples.reshape(-1)
+    if samples.ndim != 1:
+        raise ValueError(f"VideoWriter audio must be mono (a 1-D array), got shape {samples.shape}.")
+    return np.ascontiguousarray(samples)
+
+
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _even(size: int) -> int:
     return size + (size % 2)
 
@@ -464,8 +497,9 @@ def _slice_padded(samples: np.ndarray, start: int, end: int) -> np.ndarray:
 def probe_video(path: PathLike) -> dict:
     """Frames, frame rate, size, audio length in seconds and codec names of a video file.
 
-    Frames are counted by demuxing and the audio length by decoding, so both are exact (the AAC
-    encoder delay that the mp4 edit list trims is not counted).
+    Both counts come from demuxed packets, without decoding: frames is the number of video packets,
+    and the audio length runs from time zero to the end of the last audio packet, so the AAC encoder
+    delay (negative timestamps trimmed by the mp4 edit list) and the short last frame are handled.
     """
     import av
 
@@ -482,18 +516,20 @@ def _probe_container(container) -> dict:
     video = container.streams.video[0] if container.streams.video else None
     audio = container.streams.audio[0] if container.streams.audio else None
     streams = [stream for stream in (video, audio) if stream is not None]
-    frames, audio_samples = 0, 0
+    frames, audio_end = 0, 0
     for packet in container.demux(*streams):
-        if packet.stream is video and packet.size > 0:
+        if packet.size == 0 or packet.pts is None:
+            continue  # end-of-stream markers
+        if packet.stream is video:
             frames += 1
-        elif packet.stream is audio:
-            audio_samples += sum(frame.samples for frame in packet.decode())
+        else:
+            audio_end = max(audio_end, packet.pts + (packet.duration or 0))
     return {
         "frames": frames,
         "fps": float(video.average_rate or video.guessed_rate or 0) if video else 0.0,
         "width": video.codec_context.width if video else 0,
         "height": video.codec_context.height if video else 0,
-        "audio_seconds": audio_samples / audio.codec_context.sample_rate if audio else 0.0,
+        "audio_seconds": float(audio_end * audio.time_base) if audio else 0.0,
         "video_codec": video.codec_context.name if video else None,
         "audio_codec": audio.codec_context.name if audio else None,
     }
