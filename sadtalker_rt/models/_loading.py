@@ -64,6 +64,9 @@ def _preview(keys: Iterable[str], limit: int = 4) -> str:
 def load_strict(module: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> nn.Module:
     """Load exactly the module's keys; refuse with one sentence naming the file and the keys."""
     expected = module.state_dict()
+    # Batch-norm step counters do nothing in eval; a file saved without them is still complete.
+    state_dict = {**{k: torch.zeros((), dtype=torch.long) for k in expected
+                     if k.endswith("num_batches_tracked") and k not in state_dict}, **state_dict}
     missing = set(expected) - set(state_dict)
     unexpected = set(state_dict) - set(expected)
     problems = []
