@@ -13,7 +13,9 @@ from ..errors import WeightsError
 def to_tensor(value) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         return value
-    return torch.from_numpy(np.ascontiguousarray(value))
+    array = np.asarray(value)
+    # NOTE: ascontiguousarray makes 0-d arrays 1-d; keep num_batches_tracked 0-d.
+    return torch.from_numpy(np.ascontiguousarray(array).reshape(array.shape))
 
 
 def fold_spectral_norm(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
