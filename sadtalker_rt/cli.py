@@ -135,6 +135,53 @@ def run(
     typer.echo(f"wrote {output} in {time.perf_counter() - start:.1f} s")
 
 
+@app.command()
+def export(
+    output: Path = typer.Option(..., "-o", "--output", help="directory for the graphs and manifest.json"),
+    checkpoints: Optional[Path] = typer.Option(None, "--checkpoints", help=CHECKPOINTS_HELP),
+    synthetic_weights: Optional[int] = typer.Option(None, "--synthetic-weights", metavar="[SEED]", help=SYNTHETIC_HELP),
+    size: int = typer.Option(256, "--size", help="render size: 256 or 512"),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, or fp16 with FP32 islands"),
+    grid_sample: str = typer.Option("native", "--grid-sample", help="native (GridSample, opset 20) or decomposed"),
+    stage: Optional[list[str]] = typer.Option(None, "--stage", help="export only these stages"),
+    image: Optional[Path] = typer.Option(None, "--image", help="photo to validate on (default: the demo photo)"),
+    old_version: bool = typer.Option(False, "--old-version", help="load the legacy .pth checkpoints"),
+    quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
+) -> None:
+    """Export one ONNX graph per stage, validated against PyTorch, with a manifest."""
+    from .export.onnx_export import EXPORT_ORDER, export_graphs
+    from .progress import StageBars
+
+    weights = weight_source(checkpoints, synthetic_weights, size, old_version)
+    source = _source_image(image, size)
+    bars = StageBars(None if not quiet else False)
+    manifest = export_graphs(weights, size, output, precision=precision, grid_sample=grid_sample,
+                             stages=tuple(stage) if stage else EXPORT_ORDER, source_image=source, progress=bars)
+    bars.close()
+    for name, entry in manifest["stages"].items():
+        worst = max((r["max_rel"] for r in entry["parity"]), default=float("nan"))
+        psnr = min((r["psnr_db"] for r in entry["parity"] if "psnr_db" in r), default=None)
+        extra = f"  PSNR {psnr:.1f} dB" if psnr is not None else ""
+        islands = f"  {len(entry['fp32_islands'])} FP32 islands" if entry["fp32_islands"] else ""
+        typer.echo(f"{name:<16}{entry['precision']:<6}max rel err {worst:.2e}{extra}{islands}")
+    typer.echo(f"wrote {len(manifest['stages'])} graphs and manifest.json to {output} ({weights.describe()})")
+
+
+def _source_image(image: Optional[Path], size: int):
+    """A real photo, centre-cropped and resized to S x S, as (1, 3, S, S) in [0, 1]."""
+    import numpy as np
+    from PIL import Image
+
+    from . import media
+
+    photo = media.load_image(image if image is not None else media.demo_image())
+    h, w = photo.shape[:2]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    square = Image.fromarray(photo[top:top + side, left:left + side]).resize((size, size), Image.BILINEAR)
+    return (np.asarray(square, np.float32) / 255.0).transpose(2, 0, 1)[None].copy()
+
+
 def _normalize_argv(argv: list[str]) -> list[str]:
     """``--synthetic-weights`` takes an optional seed (a bare flag means seed 0); ``--debug`` may stand anywhere."""
     out = ["--debug"] if "--debug" in argv else []

@@ -128,16 +128,18 @@ class TalkingHead:
             raise UsageError(f"--preprocess must be one of {', '.join(PREPROCESS_MODES)}, not '{preprocess}'.")
         name = str(image) if not isinstance(image, np.ndarray) else "the image"
         photo = media.load_image(image) if not isinstance(image, np.ndarray) else np.ascontiguousarray(image)
-        notes = []
-        if preprocess == "resize":
-            frame, crop_info = prep.crop_source(photo, None, preprocess, self.size)
-        else:
-            found = landmarks.detect(photo, name=name)
-            notes += found.notes
-            frame, crop_info = prep.crop_source(photo, found.landmarks, preprocess, self.size)
-        # The official code finds landmarks again on the S x S crop for the 3DMM alignment.
-        on_frame = landmarks.detect(frame, name=f"the {preprocess} crop of {name}")
-        trans_params, aligned = prep.align_for_3dmm(frame, on_frame.landmarks)
+        found = landmarks.detect(photo, name=name)
+        notes = list(found.notes)
+        frame, crop_info = prep.crop_source(photo, None if preprocess == "resize" else found.landmarks, preprocess,
+                                            self.size)
+        # The official code finds landmarks again on the S x S crop for the 3DMM alignment. Where the crop
+        # squashed the face beyond recognition (resize mode on a tall photo), map the first pass into the frame.
+        try:
+            frame_landmarks = landmarks.detect(frame, name=f"the {preprocess} crop of {name}").landmarks
+        except InputError:
+            frame_landmarks = prep.points_in_frame(found.landmarks, crop_info, self.size)
+            notes.append("no face found again in the cropped frame; using the photo's landmarks mapped into it")
+        trans_params, aligned = prep.align_for_3dmm(frame, frame_landmarks)
         coeffs257 = self.infer("face3d_recon", aligned_image=_chw(aligned))["coeffs"]
         source_coeffs = prep.first_frame_coeffs(coeffs257, trans_params)
         avatar = Avatar(self.size, preprocess, frame, source_coeffs, crop_info,
@@ -187,23 +189,23 @@ class TalkingHead:
 
     def _pose(self, indiv: np.ndarray, ref_pose: np.ndarray, options: Options, rng: np.random.Generator,
               progress: Progress) -> np.ndarray:
-        """PoseVAE over chunks of 32 frames after frame 0; the last partial chunk reuses the last 32 frames."""
+        """PoseVAE over chunks of 32 frames after frame 0 (``coeffs.pose_chunks``), one latent per chunk."""
+        from .coeffs import pose_chunks
+
         frames = indiv.shape[0]
+        chunks = pose_chunks(frames)
+        noise = rng.standard_normal((max(len(chunks), 1), 64)).astype(np.float32)
         motion = [np.zeros((1, 6), np.float32)]
         rest = indiv[1:]
-        chunks = -(-(frames - 1) // 32)
-        noise = rng.standard_normal((max(chunks, 1), 64)).astype(np.float32)
-        for k in range(chunks):
-            start = 32 * k
-            take = min(32, len(rest) - start)
-            window = rest[start:start + 32] if take == 32 else rest[-32:]
-            if len(window) < 32:    # fewer than 32 frames in all: repeat the first one in front
+        for k, chunk in enumerate(chunks):
+            window = rest[chunk.start:chunk.stop]
+            if len(window) < 32:    # fewer than 32 frames in all: repeating the first window repeats its embedding
                 window = np.concatenate([np.repeat(window[:1], 32 - len(window), axis=0), window])
             out = self.infer("audio2pose", indiv_mels=window[:, None], ref_pose=ref_pose[None],
                              pose_style=np.array([options.pose_style], np.int64), noise=noise[k:k + 1])["motion"]
-            motion.append(out[-take:])
-            progress("audio2pose", k + 1, chunks)
-        return ref_pose[None] + np.concatenate(motion)[:frames]
+            motion.append(out[32 - chunk.keep:])
+            progress("audio2pose", k + 1, len(chunks))
+        return ref_pose[None] + np.concatenate(motion)
 
     # -- per frame ------------------------------------------------------------------------------
     def render(self, avatar: Avatar, motion: Motion, options: Options = Options(),

@@ -1,0 +1,1 @@
+"""Export stages to ONNX graphs, with mixed precision and parity validation."""

@@ -1,0 +1,274 @@
+"""Export every stage of the stage table to ONNX, validate each graph against PyTorch, write a manifest.
+
+Stages are exported in dependency order so that each one is traced and validated on realistic
+inputs: the source image drives the keypoint detector and the source encoder, whose outputs
+drive mapping and the renderer. Validation collects every failure before it reports.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .. import __version__
+from ..backends.manifest import FORMAT, MANIFEST, sha256_of
+from ..errors import SadTalkerError, UsageError
+from ..stages import BATCH, FRAMES, STAGES, Stage
+
+OPSET = 20                      # the first opset whose GridSample takes 5-D input
+EXPORT_ORDER = ("face3d_recon", "kp_detector", "source_encoder", "mapping", "mapping_full", "renderer",
+                "audio2exp", "audio2pose")
+TRACE_AXES = {BATCH: 2, FRAMES: 8}          # dynamic axis values used for tracing
+CHECK_AXES = {BATCH: 3, FRAMES: 5}          # another shape, to prove the axes really are dynamic
+FP16_MIN_PSNR = 40.0                        # dB against float32 PyTorch for image outputs of FP16 graphs
+FP16_MAX_REL = 5e-2                         # other FP16 outputs: worst error relative to max(1, max|ref|)
+IMAGE_OUTPUTS = ("frames",)
+
+
+class ExportValidationError(SadTalkerError):
+    """A graph that does not match its PyTorch module within the stated bounds."""
+
+    exit_code = 7
+
+
+@dataclass
+class StageReport:
+    stage: str
+    file: str
+    precision: str
+    seconds: float = 0.0
+    parity: list = field(default_factory=list)       # one dict per (shape, output)
+    fp32_islands: list = field(default_factory=list)
+    failures: list = field(default_factory=list)
+
+
+def state_dict_sha256(module) -> str:
+    digest = hashlib.sha256()
+    for key, value in sorted(module.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def example_inputs(stage: Stage, size: int, axes: dict, known: dict[str, np.ndarray],
+                   rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Inputs for tracing and validation: upstream outputs where available, else plausible data."""
+    feeds = {}
+    for tensor in stage.inputs:
+        shape = tensor.resolve(size, **axes)
+        upstream = known.get(tensor.name)
+        if upstream is not None and upstream.shape[1:] == shape[1:]:
+            reps = -(-shape[0] // upstream.shape[0])
+            feeds[tensor.name] = np.concatenate([upstream] * reps)[: shape[0]]
+        elif tensor.dtype == "int64":
+            feeds[tensor.name] = rng.integers(0, 46, size=shape).astype(np.int64)
+        elif tensor.name in ("source_image", "aligned_image"):
+            feeds[tensor.name] = rng.uniform(0, 1, size=shape).astype(np.float32)
+        elif tensor.name == "semantics":
+            # Motion coefficients around a source: small expression and pose offsets per frame.
+            base = rng.normal(0, 0.3, size=(1,) + shape[1:])
+            feeds[tensor.name] = (base + rng.normal(0, 0.05, size=shape)).astype(np.float32)
+        elif tensor.name.startswith("kp"):
+            feeds[tensor.name] = rng.uniform(-0.5, 0.5, size=shape).astype(np.float32)
+        elif tensor.name == "indiv_mels":
+            feeds[tensor.name] = np.clip(rng.normal(-1.5, 1.2, size=shape), -4, 4).astype(np.float32)
+        else:
+            feeds[tensor.name] = rng.normal(0, 0.5, size=shape).astype(np.float32)
+    return feeds
+
+
+def run_torch(module, stage: Stage, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    import torch
+
+    with torch.inference_mode():
+        outputs = module(**{k: torch.from_numpy(v) for k, v in feeds.items()})
+    if not isinstance(outputs, (tuple, list)):
+        outputs = (outputs,)
+    return {t.name: o.float().numpy() for t, o in zip(stage.outputs, outputs)}
+
+
+def trace_to_onnx(module, stage: Stage, feeds: dict[str, np.ndarray], grid_sample: str) -> bytes:
+    import torch
+
+    from ..models.ops import use_decomposed_grid_sample
+
+    dynamic = {t.name: t.dynamic_axes() for t in stage.inputs + stage.outputs if t.dynamic_axes()}
+    buffer = io.BytesIO()
+    args = tuple(torch.from_numpy(feeds[t.name]) for t in stage.inputs)
+    with use_decomposed_grid_sample(grid_sample == "decomposed"), torch.inference_mode():
+        torch.onnx.export(module, args, buffer, input_names=[t.name for t in stage.inputs],
+                          output_names=[t.name for t in stage.outputs], dynamic_axes=dynamic or None,
+                          opset_version=OPSET, dynamo=False, do_constant_folding=True)
+    return buffer.getvalue()
+
+
+def run_onnx(model_bytes: bytes, stage: Stage, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+    names = [t.name for t in stage.outputs]
+    return dict(zip(names, session.run(names, feeds)))
+
+
+def parity_rows(stage: Stage, label: str, ours: dict, ref: dict, precision: str) -> tuple[list, list]:
+    """One row per output with its error statistics, and the failures among them."""
+    from ..parity import compare
+
+    rtol = stage.rtol_fp32 if precision == "fp32" else FP16_MAX_REL
+    rows, failures = [], []
+    for result in compare(ours, ref, atol=0.0, rtol=rtol):
+        row = {"shape": label, "output": result.name, "max_abs": result.max_abs, "max_rel": result.max_rel,
+               "mean_abs": result.mean_abs, "p99_abs": result.p99_abs}
+        passed = bool(result.passed)
+        reason = f"relative error {result.max_rel:.2e} > {rtol:.0e}"
+        if result.name in IMAGE_OUTPUTS:
+            row["psnr_db"] = result.psnr_db
+            if precision == "fp16":   # FP16 images are judged by PSNR, the measure users see
+                passed = result.psnr_db >= FP16_MIN_PSNR
+                reason = f"PSNR {result.psnr_db:.1f} dB < {FP16_MIN_PSNR:.0f} dB"
+        row["passed"] = passed
+        rows.append(row)
+        if not passed:
+            failures.append(f"{stage.name}.{result.name} at {label}: {reason}")
+    return rows, failures
+
+
+def to_mixed_precision(model_bytes: bytes, calibration: list[dict]) -> tuple[bytes, list]:
+    import onnx
+
+    from .mixed_precision import (choose_fp32_islands, convert_to_mixed_precision, islands_summary,
+                                  measure_activation_ranges)
+
+    model = onnx.load_from_string(model_bytes)
+    ranges = measure_activation_ranges(model, calibration)
+    islands = choose_fp32_islands(model, ranges)
+    converted = convert_to_mixed_precision(model, set(islands))
+    return converted.SerializeToString(), islands_summary(model, islands)
+
+
+def _shape_label(stage: Stage, feeds: dict, label: str) -> str:
+    dims = [f"{t.name}[0]={feeds[t.name].shape[0]}" for t in stage.inputs if t.dynamic_axes()]
+    return f"{label}({', '.join(dims)})" if dims else label
+
+
+def export_stage(stage: Stage, module, size: int, precision: str, grid_sample: str, out_dir: Path,
+                 known: dict[str, np.ndarray], rng: np.random.Generator) -> tuple[StageReport, dict]:
+    start = time.perf_counter()
+    trace_feeds = example_inputs(stage, size, TRACE_AXES, known, rng)
+    check_feeds = example_inputs(stage, size, CHECK_AXES, known, rng) if stage.dynamic else None
+    model_bytes = trace_to_onnx(module, stage, trace_feeds, grid_sample)
+    stage_precision = "fp32" if precision == "fp32" or stage.fp32_reason else "fp16"
+    report = StageReport(stage.name, f"{stage.name}.onnx", stage_precision)
+    if stage_precision == "fp16":
+        calibration = [trace_feeds] + ([check_feeds] if check_feeds else [])
+        model_bytes, report.fp32_islands = to_mixed_precision(model_bytes, calibration)
+    reference = run_torch(module, stage, trace_feeds)
+    checks = [("trace", trace_feeds, reference)]
+    if check_feeds is not None:
+        checks.append(("check", check_feeds, run_torch(module, stage, check_feeds)))
+    for label, feeds, ref in checks:
+        rows, failures = parity_rows(stage, _shape_label(stage, feeds, label), run_onnx(model_bytes, stage, feeds),
+                                     ref, stage_precision)
+        report.parity += rows
+        report.failures += failures
+    path = out_dir / report.file
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(model_bytes)
+    os.replace(tmp, path)
+    report.seconds = time.perf_counter() - start
+    return report, reference
+
+
+def _manifest_entry(stage: Stage, report: StageReport, out_dir: Path, size: int, grid_sample: str,
+                    weights_sha: dict) -> dict:
+    def describe(tensors):
+        return [{"name": t.name, "dtype": t.dtype, "shape": list(t.resolve(size, **{BATCH: BATCH, FRAMES: FRAMES}))}
+                for t in tensors]
+
+    return {
+        "file": report.file, "sha256": sha256_of(out_dir / report.file), "rate": stage.rate,
+        "precision": report.precision, "fp32_reason": stage.fp32_reason or None,
+        "inputs": describe(stage.inputs), "outputs": describe(stage.outputs),
+        "dynamic_axes": {t.name: {str(k): v for k, v in t.dynamic_axes().items()}
+                         for t in stage.inputs + stage.outputs if t.dynamic_axes()},
+        "profile": list(stage.profile), "grid_sample": grid_sample if stage.name == "renderer" else None,
+        "weights_sha256": weights_sha, "fp32_islands": report.fp32_islands, "parity": report.parity,
+        "export_seconds": round(report.seconds, 2),
+    }
+
+
+def _version(module: str) -> str | None:
+    try:
+        return __import__(module).__version__
+    except ImportError:
+        return None
+
+
+def export_graphs(weights, size: int, out_dir: Path, precision: str = "fp32", grid_sample: str = "native",
+                  stages: tuple[str, ...] = EXPORT_ORDER, seed: int = 0, source_image: np.ndarray | None = None,
+                  progress: Callable[[str, int, int], None] | None = None) -> dict:
+    """Export, validate and describe the stages; raise ExportValidationError listing every failure.
+
+    ``source_image`` (1, 3, S, S) in [0, 1] makes the image stages and everything downstream run on a real photo.
+    """
+    import torch
+
+    from ..models.stage_modules import stage_module
+
+    if precision not in ("fp32", "fp16"):
+        raise UsageError(f"--precision must be fp32 or fp16, not '{precision}'.")
+    if grid_sample not in ("native", "decomposed"):
+        raise UsageError(f"--grid-sample must be native or decomposed, not '{grid_sample}'.")
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise UsageError(f"unknown stages {unknown}; known: {', '.join(EXPORT_ORDER)}.")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    subnetworks: dict = {}
+
+    def subnetwork(name: str):
+        if name not in subnetworks:
+            subnetworks[name] = weights.build(name)
+        return subnetworks[name]
+
+    known: dict[str, np.ndarray] = {} if source_image is None else {"source_image": source_image}
+    reports, entries = [], {}
+    ordered = [s for s in EXPORT_ORDER if s in stages]
+    for i, name in enumerate(ordered):
+        if progress:
+            progress("export", i, len(ordered))
+        stage = STAGES[name]
+        report, outputs = export_stage(stage, stage_module(name, subnetwork), size, precision, grid_sample, out_dir,
+                                       known, rng)
+        known.update(outputs)
+        if name in ("mapping", "mapping_full"):      # the renderer is driven by what mapping produced
+            known["kp_source"] = outputs["kp"][:1]
+            known["kp_driving"] = outputs["kp"]
+        reports.append(report)
+        entries[name] = _manifest_entry(stage, report, out_dir, size, grid_sample,
+                                        {n: state_dict_sha256(subnetwork(n)) for n in stage.subnetworks})
+    if progress:
+        progress("export", len(ordered), len(ordered))
+    manifest = {
+        "format": FORMAT, "toolkit_version": __version__, "size": size, "precision": precision,
+        "grid_sample": grid_sample, "opset": OPSET,
+        "weights": {"identity": weights.identity(), "description": weights.describe(), "synthetic": weights.synthetic},
+        "exported_with": {"torch": torch.__version__, "onnx": _version("onnx"), "onnxruntime": _version("onnxruntime")},
+        "stages": entries,
+    }
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    failures = [f for r in reports for f in r.failures]
+    if failures:
+        raise ExportValidationError(f"{len(failures)} parity checks failed in {out_dir}: " + "; ".join(failures))
+    return manifest
