@@ -105,10 +105,10 @@ class TalkingHead:
         self.size = size
 
     @classmethod
-    def from_weights(cls, weights, size: int = 256, device: str = "cpu") -> "TalkingHead":
+    def from_weights(cls, weights, size: int = 256, device: str = "cpu", precision: str = "fp32") -> "TalkingHead":
         from .backends import open_backend
 
-        return cls(open_backend("torch", weights=weights, size=size, device=device), size)
+        return cls(open_backend("torch", weights=weights, size=size, device=device, precision=precision), size)
 
     @classmethod
     def from_engines(cls, engines: Path, backend: str = "onnxruntime", device: str = "cpu") -> "TalkingHead":

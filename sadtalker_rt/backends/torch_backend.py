@@ -8,10 +8,13 @@ from . import check_feeds
 
 
 class TorchRunner:
-    def __init__(self, stage: Stage, module, device: str):
+    def __init__(self, stage: Stage, module, device: str, precision: str = "fp32"):
         import torch
 
         self.stage = stage
+        # FP16 through autocast: convolutions in half, while grid sampling, normalisation statistics and
+        # softmax stay float32 (autocast's own policy); stages with an fp32_reason are left alone.
+        self.autocast = precision == "fp16" and not stage.fp32_reason and device != "cpu"
         self.module = module.to(device).eval()
         self.device = torch.device(device)
         self._resident: dict[str, tuple[np.ndarray, object]] = {}
@@ -32,7 +35,7 @@ class TorchRunner:
         import torch
 
         check_feeds(self.stage, feeds)
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.float16, enabled=self.autocast):
             outputs = self.module(**{k: self._tensor(k, v) for k, v in feeds.items()})
         if not isinstance(outputs, (tuple, list)):
             outputs = (outputs,)
@@ -43,7 +46,12 @@ class TorchRunner:
 class TorchBackend:
     name = "torch"
 
-    def __init__(self, weights, size: int = 256, device: str = "cpu"):
+    def __init__(self, weights, size: int = 256, device: str = "cpu", precision: str = "fp32"):
+        if precision == "fp16" and device == "cpu":
+            from ..errors import UsageError
+
+            raise UsageError("--precision fp16 with the torch backend needs --device cuda.")
+        self.precision = precision
         self.weights = weights
         self.size = size
         self.device = device
@@ -60,11 +68,11 @@ class TorchBackend:
             from ..models.stage_modules import stage_module
 
             module = stage_module(stage, self.subnetwork)
-            self._runners[stage] = TorchRunner(STAGES[stage], module, self.device)
+            self._runners[stage] = TorchRunner(STAGES[stage], module, self.device, self.precision)
         return self._runners[stage]
 
     def describe(self) -> dict:
         import torch
 
         return {"backend": "torch", "device": self.device, "torch": torch.__version__,
-                "weights": self.weights.identity(), "precision": "fp32"}
+                "weights": self.weights.identity(), "precision": self.precision}
