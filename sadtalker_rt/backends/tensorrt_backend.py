@@ -60,7 +60,8 @@ class TensorRTRunner:
         self._buffers: dict[tuple, object] = {}           # (name, shape, slot) -> device buffer
         self._resident: dict[str, tuple[np.ndarray, DeviceTensor]] = {}
         self._host: dict[tuple, np.ndarray] = {}          # (name, shape) -> pinned array, for infer()
-        self._graphs: dict[tuple, object] = {}
+        self._graphs: dict[tuple, object] = {}          # binding -> _WARMED, a graph, or why capture failed
+        self.capture_error: str | None = None
 
     def _buffer(self, name: str, shape: tuple, dtype: np.dtype, slot) -> DeviceTensor:
         key = (name, tuple(shape), slot)
@@ -128,9 +129,15 @@ class TensorRTRunner:
             try:
                 self._run(stream)
             finally:
-                graph = self.cuda.end_capture(stream)
+                try:
+                    graph = self.cuda.end_capture(stream)
+                except RuntimeError as err:     # the capture was invalidated: nothing ran, so run it plainly
+                    graph = self.capture_error = str(err)
             self._graphs[binding] = graph
-        self.cuda.launch_graph(graph, stream)
+        if isinstance(graph, str):
+            self._run(stream)
+        else:
+            self.cuda.launch_graph(graph, stream)
 
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         outputs = self.enqueue(feeds, self.stream)
