@@ -95,16 +95,16 @@ def coordinate_grid(depth: int, height: int, width: int, dtype=torch.float32, de
 
 
 def upsample_nearest(x: torch.Tensor, factor: int) -> torch.Tensor:
-    """Nearest upsampling of the last two dims by an integer factor, via reshape and expand (no Resize op).
+    """Nearest upsampling of the last two dims by an integer factor (scale (1, f, f) on 5-D input).
 
-    Equals ``F.interpolate(mode='nearest')`` with scale (factor, factor), or (1, factor, factor) on 5-D
-    input, and keeps every intermediate at 4-D.
+    Exports as one ONNX Resize (nearest, asymmetric, floor) whose output keeps static channel counts under a
+    dynamic batch, which the InstanceNormalization export that follows needs.
     """
+    factor = int(factor)     # a traced shape division would otherwise turn into a dynamic scale
     if factor == 1:
         return x
-    lead, (h, w) = x.shape[1:-2], x.shape[-2:]
-    x = x.reshape(-1, 1, w, 1).expand(-1, factor, w, factor)
-    return x.reshape(-1, *lead, h * factor, w * factor)
+    scale = (factor, factor) if x.dim() == 4 else (1, factor, factor)
+    return F.interpolate(x, scale_factor=scale, mode="nearest")
 
 
 class SameBlock2d(nn.Module):
