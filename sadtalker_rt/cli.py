@@ -170,6 +170,30 @@ def export(
     typer.echo(f"wrote {len(manifest['stages'])} graphs and manifest.json to {output} ({weights.describe()})")
 
 
+@app.command()
+def build(
+    onnx_dir: Path = typer.Argument(..., help="graphs and manifest.json made by `sadtalker-rt export`"),
+    output: Path = typer.Option(..., "-o", "--output", help="directory for the engines and engines.json"),
+    max_batch: int = typer.Option(8, "--max-batch", help="largest --batch-size the engines take"),
+    workspace: float = typer.Option(4.0, "--workspace", help="TensorRT builder workspace, GiB"),
+    stage: Optional[list[str]] = typer.Option(None, "--stage", help="build only these stages"),
+    quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
+) -> None:
+    """Build a TensorRT engine per exported stage for this GPU; engines whose key still matches are reused."""
+    from .engines.build import build_engines
+    from .progress import StageBars
+
+    bars = StageBars(None if not quiet else False)
+    result = build_engines(onnx_dir, output, max_batch=max_batch, opt_batch=min(4, max_batch),
+                           workspace_gib=workspace, progress=bars, stages=tuple(stage) if stage else None)
+    bars.close()
+    for name, entry in result.record["stages"].items():
+        how = f"built in {entry['build_seconds']:.0f} s: {result.built[name]}" if name in result.built else "reused"
+        typer.echo(f"{name:<16}{entry['precision']:<6}{how}")
+    typer.echo(f"{len(result.built)} built, {len(result.reused)} reused: {output} "
+               f"(TensorRT {result.record['trt_version']}, {result.record['gpu_name']})")
+
+
 def _source_image(image: Optional[Path], size: int):
     """A real photo, centre-cropped and resized to S x S, as (1, 3, S, S) in [0, 1]."""
     import numpy as np

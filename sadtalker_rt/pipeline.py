@@ -212,24 +212,28 @@ class TalkingHead:
                progress: Progress = _noop) -> Iterator[Frame]:
         from .coeffs import semantic_windows
         from .compose import Compositor
+        from .engines.scheduler import FramePipeline
 
         full = "full" in avatar.preprocess
         _, targets = semantic_windows(motion.coeffs, avatar.source_coeffs, full=full, still=options.still,
                                       expression_scale=options.expression_scale)
         targets = targets.astype(np.float32)
         compositor = Compositor(avatar)
-        stage = mapping_stage(avatar.preprocess)
-        f = avatar.features
+        pipeline = FramePipeline(self._executor(), avatar.features, self.size, options.batch_size,
+                                 mapping=mapping_stage(avatar.preprocess))
         total = motion.frames
-        for start in range(0, total, options.batch_size):
-            batch = targets[start:start + options.batch_size]
-            kp = self.infer(stage, kp_canonical=f["kp_canonical"], semantics=batch)["kp"]
-            rendered = self.infer("renderer", feature_3d=f["feature_3d"], source_compressed=f["source_compressed"],
-                                  kp_source=f["kp_source"], kp_driving=kp)["frames"]
-            for i, chw in enumerate(rendered):
-                index = start + i
-                yield Frame(index, index / FPS, compositor(to_uint8(chw)))
-            progress("render", min(start + len(batch), total), total)
+        for index, chw in pipeline.frames(targets):
+            # chw is a view into a reused host buffer: convert it before the next frame.
+            yield Frame(index, index / FPS, compositor(to_uint8(chw)))
+            if (index + 1) % options.batch_size == 0 or index + 1 == total:
+                progress("render", index + 1, total)
+
+    def _executor(self):
+        """CUDA streams where the backend has them (TensorRT), else stage calls in order."""
+        from .engines.scheduler import SerialExecutor
+
+        make_executor = getattr(self.backend, "executor", None)
+        return make_executor() if make_executor else SerialExecutor(self.backend.runner)
 
     def generate(self, avatar: Avatar, audio: AudioLike, options: Options = Options(),
                  progress: Progress = _noop) -> Iterator[Frame]:
