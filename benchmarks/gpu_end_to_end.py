@@ -46,8 +46,9 @@ def main() -> None:
     wav = np.load(args.audio)
     seconds = len(wav) / 16000
     rows = []
-    for precision in ("fp32", "fp16"):
-        head = TalkingHead.from_weights(WeightSource(synthetic_seed=0), device="cuda", precision=precision)
+    for precision, graphs in (("fp32", False), ("fp16", False), ("fp16", True)):
+        head = TalkingHead.from_weights(WeightSource(synthetic_seed=0), device="cuda", precision=precision,
+                                        cuda_graphs=graphs)
         avatar = pickle.loads(args.avatar.read_bytes())
         head._source_features(avatar)
         options = Options(batch_size=args.batch_size)
@@ -63,7 +64,7 @@ def main() -> None:
             start = time.perf_counter()
             head.write_video(avatar, wav, Path(tmp) / "out.mp4", options)
             video_s = time.perf_counter() - start
-        row = {"precision": precision, "batch": args.batch_size, "audio_seconds": seconds, "frames": count,
+        row = {"precision": precision, "cuda_graphs": graphs, "batch": args.batch_size, "audio_seconds": seconds, "frames": count,
                "time_to_first_frame_s": first_s, "generate_s": generate_s, "write_video_s": video_s,
                "wall_per_audio_second": video_s / seconds, "realtime_factor": seconds / video_s,
                "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "preprocess": avatar.preprocess}

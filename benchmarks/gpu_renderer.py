@@ -12,6 +12,7 @@ Parity is measured on the same keypoints against float32 with TF32 disabled.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import subprocess
@@ -56,6 +57,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--channels-last", action="store_true", help="also try NHWC weights for the FP16 path")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--markdown", type=Path)
     args = parser.parse_args()
@@ -101,6 +103,14 @@ def main() -> None:
                         return renderer(feature_3d, compressed, kp_source, kp_driving)
 
                 paths = {"official": official, "cached-fp32": cached_fp32, "cached-fp16": cached_fp16}
+                if args.channels_last:
+                    renderer_nhwc = copy.deepcopy(renderer).to(memory_format=torch.channels_last)
+
+                    def cached_fp16_nhwc():
+                        with torch.autocast("cuda", dtype=torch.float16):
+                            return renderer_nhwc(feature_3d, compressed, kp_source, kp_driving)
+
+                    paths["fp16-channels-last"] = cached_fp16_nhwc
                 graph_out = None
                 try:
                     static = cached_fp16()

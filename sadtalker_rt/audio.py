@@ -99,11 +99,24 @@ def window_starts(T: int) -> np.ndarray:
     return np.trunc(MEL_FPS * ((i - 2) / FPS)).astype(np.int64)
 
 
+class MelWindows:
+    """The (T, 80, 16) per-frame windows of 16 mel frames, built per slice (indices clamped: edge replication)."""
+
+    def __init__(self, mel: np.ndarray, T: int):
+        self.mel = mel
+        self.starts = window_starts(T)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, frames: slice) -> np.ndarray:
+        index = np.clip(self.starts[frames][:, None] + np.arange(MEL_STEP)[None, :], 0, self.mel.shape[0] - 1)
+        return np.ascontiguousarray(self.mel[index].transpose(0, 2, 1))
+
+
 def mel_windows(mel: np.ndarray, T: int) -> np.ndarray:
     """(T, 80, 16) windows of 16 mel frames, indices clamped to the spectrogram (edge replication)."""
-    index = window_starts(T)[:, None] + np.arange(MEL_STEP)[None, :]
-    index = np.clip(index, 0, mel.shape[0] - 1)
-    return np.ascontiguousarray(mel[index].transpose(0, 2, 1))
+    return MelWindows(mel, T)[:]
 
 
 def audio_features(wav16k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

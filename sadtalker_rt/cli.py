@@ -86,6 +86,8 @@ def run(
     backend: str = typer.Option("torch", "--backend", help="torch, onnxruntime or tensorrt"),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda (torch and onnxruntime backends)"),
     precision: str = typer.Option("fp32", "--precision", help="torch backend on cuda: fp32, or fp16 (autocast)"),
+    cuda_graphs: bool = typer.Option(False, "--cuda-graphs", help="torch backend on cuda: replay per-frame stages "
+                                     "from CUDA graphs"),
     size: int = typer.Option(256, "--size", help="render size: 256 or 512"),
     preprocess: str = typer.Option("crop", "--preprocess", help="crop, extcrop, resize, full or extfull"),
     still: bool = typer.Option(False, "--still", help="keep the head pose of the photo"),
@@ -119,7 +121,8 @@ def run(
             typer.echo(f"note: {weights.describe()}.", err=True)
         if precision not in ("fp32", "fp16"):
             raise UsageError(f"--precision must be fp32 or fp16, not '{precision}'.")
-        head = TalkingHead.from_weights(weights, size=size, device=device, precision=precision)
+        head = TalkingHead.from_weights(weights, size=size, device=device, precision=precision,
+                                        cuda_graphs=cuda_graphs)
     else:
         if checkpoints is not None or synthetic_weights is not None:
             raise UsageError(f"--backend {backend} reads --engines DIR; weights were fixed at export.")

@@ -103,6 +103,15 @@ def semantic_windows(coeffs: np.ndarray, source_coeffs: np.ndarray, *, full: boo
         source_semantics (1, C, 2r+1) and target_semantics (T, C, 2r+1), C = 73 if full else 70;
         windows past either end replicate the edge frame.
     """
+    source, target = _source_and_target(coeffs, source_coeffs, full=full, still=still,
+                                        expression_scale=expression_scale)
+    source_semantics = np.repeat(source[:, :, None], 2 * radius + 1, axis=2)
+    return source_semantics, TargetWindows(target, radius)[:]
+
+
+def _source_and_target(coeffs: np.ndarray, source_coeffs: np.ndarray, *, full: bool, still: bool,
+                       expression_scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """(1, C) source and (T, C) per-frame target coefficients before windowing."""
     channels = FULL_COEFF_DIMS if full else COEFF_DIMS
     source = np.asarray(source_coeffs).reshape(1, -1)
     if source.shape[1] < channels:
@@ -115,9 +124,27 @@ def semantic_windows(coeffs: np.ndarray, source_coeffs: np.ndarray, *, full: boo
         target = np.concatenate([target, np.repeat(source[:, COEFF_DIMS:], len(target), axis=0)], axis=1)
     if still:
         target[:, EXP_DIMS:] = source[:, EXP_DIMS:]
-    width = 2 * radius + 1
-    source_semantics = np.repeat(source[:, :, None], width, axis=2)
-    offsets = np.arange(-radius, radius + 1)
-    index = np.clip(np.arange(len(target))[:, None] + offsets[None, :], 0, max(len(target) - 1, 0))
-    target_semantics = np.ascontiguousarray(target[index].transpose(0, 2, 1))
-    return source_semantics, target_semantics
+    return source, target
+
+
+class TargetWindows:
+    """The (T, C, 2r+1) target windows, built per slice so a long utterance never holds them all."""
+
+    def __init__(self, target: np.ndarray, radius: int = SEMANTIC_RADIUS):
+        self.target = target
+        self.offsets = np.arange(-radius, radius + 1)
+
+    def __len__(self) -> int:
+        return len(self.target)
+
+    def __getitem__(self, frames: slice) -> np.ndarray:
+        rows = np.arange(len(self.target))[frames]
+        index = np.clip(rows[:, None] + self.offsets[None, :], 0, max(len(self.target) - 1, 0))
+        return np.ascontiguousarray(self.target[index].transpose(0, 2, 1))
+
+
+def target_windows(coeffs: np.ndarray, source_coeffs: np.ndarray, *, full: bool, still: bool,
+                   expression_scale: float, radius: int = SEMANTIC_RADIUS) -> TargetWindows:
+    """``semantic_windows``' targets as a sequence sliced lazily, batch by batch."""
+    _, target = _source_and_target(coeffs, source_coeffs, full=full, still=still, expression_scale=expression_scale)
+    return TargetWindows(target, radius)

@@ -23,6 +23,7 @@ from .stages import PREPROCESS_MODES, mapping_stage
 
 FPS = 25
 SAMPLE_RATE = 16000
+AUDIO_CHUNK = 500              # frames per ExpNet call (20 s of audio)
 Progress = Callable[[str, int, int], None]   # (stage, done, total)
 ImageLike = Union[str, Path, np.ndarray]
 AudioLike = Union[str, Path, np.ndarray]
@@ -88,11 +89,15 @@ class Motion:
 
     coeffs: np.ndarray                 # (T, 70): expression 64, pose 6
     wav: np.ndarray                    # 16 kHz mono float32, cut to T frames
-    indiv_mels: np.ndarray             # (T, 80, 16)
+    windows: object                    # audio.MelWindows: (T, 80, 16) mel windows, sliced lazily
 
     @property
     def frames(self) -> int:
         return self.coeffs.shape[0]
+
+    @property
+    def indiv_mels(self) -> np.ndarray:
+        return self.windows[:].astype(np.float32)
 
 
 def _noop(stage: str, done: int, total: int) -> None:
@@ -105,10 +110,12 @@ class TalkingHead:
         self.size = size
 
     @classmethod
-    def from_weights(cls, weights, size: int = 256, device: str = "cpu", precision: str = "fp32") -> "TalkingHead":
+    def from_weights(cls, weights, size: int = 256, device: str = "cpu", precision: str = "fp32",
+                     cuda_graphs: bool = False) -> "TalkingHead":
         from .backends import open_backend
 
-        return cls(open_backend("torch", weights=weights, size=size, device=device, precision=precision), size)
+        return cls(open_backend("torch", weights=weights, size=size, device=device, precision=precision,
+                                cuda_graphs=cuda_graphs), size)
 
     @classmethod
     def from_engines(cls, engines: Path, backend: str = "onnxruntime", device: str = "cpu") -> "TalkingHead":
@@ -174,31 +181,30 @@ class TalkingHead:
             raise InputError(f"{audio if not isinstance(audio, np.ndarray) else 'the audio'} is shorter than one "
                              f"video frame ({len(wav) / SAMPLE_RATE * 1000:.0f} ms < 40 ms).")
         wav = wav[: frames * SAMPLE_RATE // FPS]
-        mel = audio_features.melspectrogram(wav)
-        indiv = audio_features.mel_windows(mel, frames).astype(np.float32)      # (T, 80, 16)
+        windows = audio_features.MelWindows(audio_features.melspectrogram(wav), frames)
         rng = np.random.default_rng(options.seed)
         blink = coeffs.blink_sequence(frames, rng).astype(np.float32)            # (T, 1)
         ref = avatar.source_coeffs[0, :70].astype(np.float32)
-        progress("audio2exp", 0, 1)
-        exp = self.infer("audio2exp", indiv_mels=indiv[:, None], ref_exp=np.tile(ref[:64], (frames, 1)),
-                         blink=blink)["exp"]
-        progress("audio2exp", 1, 1)
-        pose = self._pose(indiv, ref[64:70], options, rng, progress)
-        pose = coeffs.smooth_pose(pose)
-        return Motion(np.concatenate([exp, pose], axis=1).astype(np.float32), wav, indiv)
+        exp = np.empty((frames, 64), np.float32)
+        # Frames are independent in ExpNet; chunks keep activation memory bounded on long audio.
+        for start in range(0, frames, AUDIO_CHUNK):
+            stop = min(start + AUDIO_CHUNK, frames)
+            exp[start:stop] = self.infer("audio2exp", indiv_mels=windows[start:stop][:, None].astype(np.float32),
+                                         ref_exp=np.tile(ref[:64], (stop - start, 1)), blink=blink[start:stop])["exp"]
+            progress("audio2exp", stop, frames)
+        pose = coeffs.smooth_pose(self._pose(windows, ref[64:70], options, rng, progress))
+        return Motion(np.concatenate([exp, pose], axis=1).astype(np.float32), wav, windows)
 
-    def _pose(self, indiv: np.ndarray, ref_pose: np.ndarray, options: Options, rng: np.random.Generator,
+    def _pose(self, windows, ref_pose: np.ndarray, options: Options, rng: np.random.Generator,
               progress: Progress) -> np.ndarray:
         """PoseVAE over chunks of 32 frames after frame 0 (``coeffs.pose_chunks``), one latent per chunk."""
         from .coeffs import pose_chunks
 
-        frames = indiv.shape[0]
-        chunks = pose_chunks(frames)
+        chunks = pose_chunks(len(windows))
         noise = rng.standard_normal((max(len(chunks), 1), 64)).astype(np.float32)
         motion = [np.zeros((1, 6), np.float32)]
-        rest = indiv[1:]
         for k, chunk in enumerate(chunks):
-            window = rest[chunk.start:chunk.stop]
+            window = windows[1 + chunk.start:1 + chunk.stop].astype(np.float32)   # audio after the reference frame
             if len(window) < 32:    # fewer than 32 frames in all: repeating the first window repeats its embedding
                 window = np.concatenate([np.repeat(window[:1], 32 - len(window), axis=0), window])
             out = self.infer("audio2pose", indiv_mels=window[:, None], ref_pose=ref_pose[None],
@@ -210,14 +216,12 @@ class TalkingHead:
     # -- per frame ------------------------------------------------------------------------------
     def render(self, avatar: Avatar, motion: Motion, options: Options = Options(),
                progress: Progress = _noop) -> Iterator[Frame]:
-        from .coeffs import semantic_windows
+        from .coeffs import target_windows
         from .compose import Compositor
         from .engines.scheduler import FramePipeline
 
-        full = "full" in avatar.preprocess
-        _, targets = semantic_windows(motion.coeffs, avatar.source_coeffs, full=full, still=options.still,
-                                      expression_scale=options.expression_scale)
-        targets = targets.astype(np.float32)
+        targets = target_windows(motion.coeffs.astype(np.float32), avatar.source_coeffs, full="full" in avatar.preprocess,
+                                 still=options.still, expression_scale=options.expression_scale)
         compositor = Compositor(avatar)
         pipeline = FramePipeline(self._executor(), avatar.features, self.size, options.batch_size,
                                  mapping=mapping_stage(avatar.preprocess))

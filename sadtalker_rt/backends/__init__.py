@@ -41,13 +41,13 @@ def check_feeds(stage: Stage, feeds: dict[str, np.ndarray]) -> None:
 
 
 def open_backend(name: str, *, weights=None, engines: Path | None = None, size: int = 256,
-                 device: str = "cpu", precision: str = "fp32") -> Backend:
+                 device: str = "cpu", precision: str = "fp32", cuda_graphs: bool = False) -> Backend:
     if name == "torch":
         if weights is None:
             raise UsageError("--backend torch needs --checkpoints DIR or --synthetic-weights.")
         from .torch_backend import TorchBackend
 
-        return TorchBackend(weights, size=size, device=device, precision=precision)
+        return TorchBackend(weights, size=size, device=device, precision=precision, cuda_graphs=cuda_graphs)
     if name == "onnxruntime":
         if engines is None:
             raise UsageError("--backend onnxruntime needs --engines DIR (made by `sadtalker-rt export`).")
