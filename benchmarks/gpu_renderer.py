@@ -104,7 +104,10 @@ def main() -> None:
 
                 paths = {"official": official, "cached-fp32": cached_fp32, "cached-fp16": cached_fp16}
                 if args.channels_last:
-                    renderer_nhwc = copy.deepcopy(renderer).to(memory_format=torch.channels_last)
+                    renderer_nhwc = copy.deepcopy(renderer)
+                    for module in renderer_nhwc.modules():     # 2-D convolutions only; 3-D ones keep NCDHW
+                        if isinstance(module, torch.nn.Conv2d):
+                            module.weight.data = module.weight.data.to(memory_format=torch.channels_last)
 
                     def cached_fp16_nhwc():
                         with torch.autocast("cuda", dtype=torch.float16):

@@ -86,7 +86,9 @@ def keypoint_transformation(kp_canonical: torch.Tensor, yaw: torch.Tensor, pitch
     roll = headpose_to_degrees(roll) if roll_in is None else roll_in
     rotation = rotation_matrix(yaw, pitch, roll)
     kp_rotated = torch.matmul(kp_canonical, rotation.transpose(1, 2))
-    t_y_only = t * torch.tensor([0.0, 1.0, 0.0], dtype=t.dtype, device=t.device)
+    # t_x and t_z are zeroed (official); built without a host constant so CUDA graphs can capture it.
+    zero = torch.zeros_like(t[:, 1])
+    t_y_only = torch.stack([zero, t[:, 1], zero], dim=1)
     return kp_rotated + t_y_only.unsqueeze(1) + exp.reshape(-1, kp_canonical.shape[1], 3)
 
 
