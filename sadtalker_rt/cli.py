@@ -212,6 +212,66 @@ def _source_image(image: Optional[Path], size: int):
     return (np.asarray(square, np.float32) / 255.0).transpose(2, 0, 1)[None].copy()
 
 
+@app.command()
+def bench(
+    checkpoints: Optional[Path] = typer.Option(None, "--checkpoints", help=CHECKPOINTS_HELP),
+    synthetic_weights: Optional[int] = typer.Option(None, "--synthetic-weights", metavar="[SEED]", help=SYNTHETIC_HELP),
+    size: int = typer.Option(256, "--size", help="render size: 256 or 512"),
+    backends: Optional[str] = typer.Option(
+        None, "--backends", help="comma-separated: torch, torch-fp16, onnxruntime-fp32, onnxruntime-fp16, "
+                                 "tensorrt-fp32, tensorrt-fp16 (onnxruntime, tensorrt: both precisions); "
+                                 "default: torch and onnxruntime FP32/FP16 on CPU"),
+    batch_sizes: str = typer.Option("2", "--batch-sizes", help="comma-separated frames per call for the per-frame "
+                                                               "stage timings; the first is the end-to-end batch"),
+    frames: int = typer.Option(8, "--frames", help="video frames (25 per second of audio) of the end-to-end run"),
+    image: Optional[Path] = typer.Option(None, "--image", help="photo (default: the bundled demo photo)"),
+    audio: Optional[Path] = typer.Option(None, "--audio", help="speech (default: the bundled demo speech)"),
+    engines_dir: Optional[Path] = typer.Option(None, "--engines-dir", help="keep exported graphs and TensorRT engines "
+                                                                           "here and reuse them (default: a temp dir)"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write the report as JSON "
+                                                                 "(schema: benchmarks/README.md)"),
+    markdown_out: Optional[Path] = typer.Option(None, "--markdown", help="write the report as markdown"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
+    warmup: int = typer.Option(1, "--warmup", help="warm-up calls per stage before timing"),
+    repeats: int = typer.Option(3, "--repeats", help="timed calls per stage (at least)"),
+    old_version: bool = typer.Option(False, "--old-version", help="load the legacy .pth checkpoints"),
+    quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
+) -> None:
+    """Latency and parity of every backend side by side, against the official PyTorch loop.
+
+    Exits 1 when a backend fails a parity check or crashes (the reports are written first).
+
+    Backends that cannot run here (no TensorRT, no GPU) are skipped and listed with the reason.
+    """
+    from . import bench as bench_mod
+    from .progress import StageBars
+
+    weights = weight_source(checkpoints, synthetic_weights, size, old_version)
+    config = bench_mod.BenchConfig(
+        weights=weights, size=size, backends=bench_mod.parse_list(backends),
+        batch_sizes=bench_mod.parse_list(batch_sizes, int), frames=frames, warmup=warmup, repeats=repeats,
+        image=image, audio=audio, engines_dir=engines_dir, device=device, export_source=_source_image(image, size))
+    config.validate()
+    for path in (json_out, markdown_out):
+        if path is not None and not path.parent.is_dir():
+            raise UsageError(f"cannot write {path}: {path.parent} is not a directory.")
+    if weights.synthetic:
+        typer.echo(f"note: {weights.describe()}.", err=True)
+    bars = StageBars(None if not quiet else False)
+    report = bench_mod.run_bench(config, progress=bars, log=lambda line: typer.echo(line, err=True))
+    bars.close()
+    markdown = bench_mod.to_markdown(report)
+    if json_out is not None:
+        bench_mod.write_json(report, json_out)
+    if markdown_out is not None:
+        markdown_out.write_text(markdown)
+    typer.echo(markdown)
+    bad = [b["name"] for b in report["backends"]
+           if b["status"] == "failed" or (b["status"] == "ok" and not b["parity"]["passed"])]
+    if bad:
+        raise bench_mod.ParityFailure(f"parity failed or the run crashed for {', '.join(bad)} (reports written).")
+
+
 def _normalize_argv(argv: list[str]) -> list[str]:
     """``--synthetic-weights`` takes an optional seed (a bare flag means seed 0); ``--debug`` may stand anywhere."""
     out = ["--debug"] if "--debug" in argv else []
@@ -232,7 +292,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = _normalize_argv(list(sys.argv[1:] if argv is None else argv))
     debug = "--debug" in args
     try:
-        app(args=args, prog_name="sadtalker-rt", standalone_mode=False)
+        code = app(args=args, prog_name="sadtalker-rt", standalone_mode=False)
+        if isinstance(code, int) and code:     # typer.Exit(n) comes back as a return value here
+            sys.exit(code)
     except SadTalkerError as err:
         if debug:
             raise
