@@ -59,6 +59,7 @@ STAGES: dict[str, Stage] = {
         inputs=(Tensor("aligned_image", (1, 3, 224, 224)),),
         outputs=(Tensor("coeffs", (1, 257)),),
         subnetworks=("face_3drecon",),
+        fp32_reason="runs once per photo; its coefficients set the source keypoints of every frame",
         notes="ResNet-50 3DMM regressor on the 5-point aligned 224x224 crop, RGB in [0, 1]",
     ),
     "kp_detector": Stage(
@@ -73,6 +74,7 @@ STAGES: dict[str, Stage] = {
         inputs=(Tensor("source_image", (1, 3, "S", "S")),),
         outputs=(Tensor("feature_3d", (1, 32, 16, "F", "F")), Tensor("source_compressed", (1, 4, 16, "F", "F"))),
         subnetworks=("generator",),
+        fp32_reason="runs once per photo, so FP32 is cheap; its FP16 rounding (~1e-3 relative) would reach every frame",
         notes="generator parts that depend only on the source image; the official loop recomputes them per frame",
     ),
     "mapping": Stage(

@@ -15,6 +15,8 @@ class TorchRunner:
         # FP16 through autocast: convolutions in half, while grid sampling, normalisation statistics and
         # softmax stay float32 (autocast's own policy); stages with an fp32_reason are left alone.
         self.autocast = precision == "fp16" and not stage.fp32_reason and device != "cpu"
+        # FP32 means FP32: PyTorch's default TF32 convolutions moved keypoints by 0.017 on an H100.
+        self.allow_tf32 = self.autocast
         self.module = module.to(device).eval()
         self.device = torch.device(device)
         self._resident: dict[str, tuple[np.ndarray, object]] = {}
@@ -37,7 +39,10 @@ class TorchRunner:
     def _run(self, tensors: dict):
         import torch
 
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.float16, enabled=self.autocast):
+        cudnn = torch.backends.cudnn
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.float16, enabled=self.autocast), \
+                cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic,
+                            allow_tf32=self.allow_tf32):
             outputs = self.module(**tensors)
         return outputs if isinstance(outputs, (tuple, list)) else (outputs,)
 
