@@ -11,6 +11,7 @@ import io
 import json
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -102,7 +103,10 @@ def trace_to_onnx(module, stage: Stage, feeds: dict[str, np.ndarray], grid_sampl
     dynamic = {t.name: t.dynamic_axes() for t in stage.inputs + stage.outputs if t.dynamic_axes()}
     buffer = io.BytesIO()
     args = tuple(torch.from_numpy(feeds[t.name]) for t in stage.inputs)
-    with use_decomposed_grid_sample(grid_sample == "decomposed"), torch.inference_mode():
+    with use_decomposed_grid_sample(grid_sample == "decomposed"), torch.inference_mode(), warnings.catch_warnings():
+        # Static sizes traced as constants and eval-mode InstanceNorm exported with train=True are both intended.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message=".*instance_norm.*")
         torch.onnx.export(module, args, buffer, input_names=[t.name for t in stage.inputs],
                           output_names=[t.name for t in stage.outputs], dynamic_axes=dynamic or None,
                           opset_version=OPSET, dynamo=False, do_constant_folding=True)
