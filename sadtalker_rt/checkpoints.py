@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -54,7 +55,30 @@ def official_template(name: str) -> dict:
 
 def build_subnetwork(name: str, state_dict: Mapping, source: str):
     """Official (unprefixed) state dict -> eval-mode torch module, refusing mismatches."""
+    if name in MAPPING_MODES:
+        check_mapping_channels(name, state_dict, source)
     return subnetwork_module(name).build(state_dict, source, **SUBNETWORK_CONFIG.get(name, {}))
+
+
+# Which preprocess modes each MappingNet drives (sadtalker_rt.stages.mapping_stage).
+MAPPING_MODES = {"mapping": "crop, extcrop and resize", "mapping_full": "full and extfull"}
+
+
+def check_mapping_channels(name: str, state_dict: Mapping, source: str) -> None:
+    """A MappingNet of the other preprocess family (70 vs 73 coefficients) gets its own sentence:
+    the two mapping files have similar names and are easily swapped."""
+    first = state_dict.get("first.0.weight")
+    shape = tuple(getattr(first, "shape", ()))
+    want = SUBNETWORK_CONFIG[name]["coeff_nc"]
+    if len(shape) != 3 or shape[1] == want:
+        return      # missing or malformed keys are reported by the strict loader
+    other = next((n for n, cfg in SUBNETWORK_CONFIG.items() if cfg.get("coeff_nc") == shape[1]), None)
+    held = (f"the MappingNet of the {MAPPING_MODES[other]} modes ({shape[1]} coefficients)" if other
+            else f"a MappingNet for {shape[1]} coefficients")
+    hint = (f"; {SUBNETWORKS['mapping'].legacy_file} and {SUBNETWORKS['mapping_full'].legacy_file} may have been "
+            "swapped" if other else "")
+    raise WeightsError(f"{source} holds {held}, but the {MAPPING_MODES[name]} modes need one for {want} "
+                       f"coefficients{hint}.")
 
 
 def select_prefix(state_dict: Mapping, prefix: str) -> dict:
@@ -70,28 +94,69 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
         raise WeightsError(f"{path} is not a readable safetensors file ({_first_line(err)}).") from None
+    except (TypeError, AttributeError) as err:   # bfloat16, float8 ...: dtypes numpy does not have
+        raise WeightsError(f"{path} holds tensors of a type this toolkit cannot read ({_first_line(err)}); "
+                           "it is not a SadTalker checkpoint, whose tensors are float32.") from None
+
+
+ZIP_MAGIC = b"PK"           # torch.save since 1.6
+PICKLE_MAGIC = b"\x80"      # legacy torch.save and plain pickles (protocol 2 and later)
 
 
 def read_pickle(path: Path, key: str) -> dict:
-    """A torch pickle read with ``weights_only=True``; returns ``checkpoint[key]``."""
+    """A torch pickle read with ``weights_only=True``; returns ``checkpoint[key]``, a dict of tensors."""
     import pickle
+    import warnings
     import zipfile
 
     import torch
 
     try:
-        checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
-        raise WeightsError(f"{path} could not be read as a weights-only torch checkpoint ({_first_line(err)}).") from None
+        with open(path, "rb") as handle:
+            magic = handle.read(2)
+    except OSError as err:
+        raise WeightsError(f"{path} cannot be read ({_first_line(err)}).") from None
+    if not (magic.startswith(ZIP_MAGIC) or magic.startswith(PICKLE_MAGIC)):
+        raise WeightsError(f"{path} is not a PyTorch checkpoint (it is neither a zip archive nor a pickle).")
+    try:
+        with warnings.catch_warnings():     # e.g. "Detected pickle protocol 4": one error line, not a warning
+            warnings.simplefilter("ignore")
+            checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise WeightsError(f"{path} holds objects other than tensors ({_unpickler_reason(err)}); the weights-only "
+                           "loader refused it unread, as it never runs code from a checkpoint.") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+        raise WeightsError(f"{path} is truncated or damaged; it could not be read as a PyTorch checkpoint "
+                           f"({_first_line(err).split('. ')[0].rstrip('.')}).") from None
     if not isinstance(checkpoint, dict) or key not in checkpoint:
-        found = sorted(checkpoint)[:6] if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        found = sorted(map(str, checkpoint))[:6] if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise WeightsError(f"{path} has no '{key}' entry (found {found}); is it the right file?")
-    return checkpoint[key]
+    state = checkpoint[key]
+    if not isinstance(state, Mapping):
+        raise WeightsError(f"{path} ['{key}'] is a {type(state).__name__}, not a state dict; is it the right file?")
+    odd = next((k for k, v in state.items() if not isinstance(v, torch.Tensor)), None)
+    if odd is not None:
+        raise WeightsError(f"{path} ['{key}'] holds a {type(state[odd]).__name__} under '{odd}' where a tensor "
+                           "belongs; is it the right file?")
+    return state
+
+
+def _unpickler_reason(err: BaseException) -> str:
+    """The useful part of torch's weights-only refusal: what it met, without the advice to unpickle anyway."""
+    text = _strip_ansi(str(err))
+    match = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+    if match:
+        return match.group(1).strip().split(". ")[0][:160]
+    return _first_line(err)
+
+
+def _strip_ansi(text: str) -> str:
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
 
 def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0][:200] if text else type(err).__name__
+    text = _strip_ansi(str(err)).strip().splitlines()
+    return text[0].strip()[:200] if text else type(err).__name__
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:

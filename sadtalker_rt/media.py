@@ -6,6 +6,7 @@ carrying one sentence that names the file. Nothing here imports torch.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import tempfile
 import warnings
@@ -51,6 +52,35 @@ def _require_readable_file(path: Path, kind: str) -> None:
         raise InputError(f"{kind} file '{path}' is empty (0 bytes).")
 
 
+def check_input_file(path: PathLike, kind: str) -> None:
+    """InputError unless ``path`` is a readable, non-empty regular file; ``kind`` is "Image", "Audio", ...
+
+    Cheap: callers run it before loading any model, so a mistyped name fails at once.
+    """
+    _require_readable_file(Path(path), kind)
+
+
+def check_output_path(path: PathLike, overwrite: bool = False) -> None:
+    """OutputError where a video could not be written to ``path``; creates nothing.
+
+    Catches what is knowable before any work: a directory in the way, an existing file without
+    ``overwrite``, a regular file where a parent directory should be, a directory that is not writable.
+    A full disk can still only show while writing; ``VideoWriter`` then leaves nothing behind.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"Output path '{path}' is a directory, not a video file name.")
+    if path.exists() and not overwrite:
+        raise OutputError(f"Output file '{path}' already exists; pass overwrite=True (--overwrite) to replace it.")
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent      # missing directories are created when writing
+    if not ancestor.is_dir():
+        raise OutputError(f"Cannot write video file '{path}': '{ancestor}' is a file, not a directory.")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise OutputError(f"Cannot write video file '{path}': directory '{ancestor}' is not writable.")
+
+
 def _one_line(err: BaseException) -> str:
     """The reason inside an exception, without errno numbers or a repeated file name."""
     text = getattr(err, "strerror", None) or str(err)
@@ -75,7 +105,8 @@ def load_image(path: PathLike) -> np.ndarray:
                 _check_image_size(path, image.size)
                 image.seek(0)  # first frame of animated GIF/WebP/APNG
                 image.load()
-                image = ImageOps.exif_transpose(image)
+                # In place: a copy of a 100-megapixel photo costs 400 MB; only a real rotation makes one.
+                ImageOps.exif_transpose(image, in_place=True)
                 return _to_rgb_array(path, image)
     except Image.DecompressionBombError:
         raise InputError(f"Image file '{path}' is larger than the {MAX_IMAGE_PIXELS // 1_000_000}-megapixel limit.") from None
@@ -99,21 +130,37 @@ def _check_image_size(path: Path, size: tuple[int, int]) -> None:
         )
 
 
+STRIP_BYTES = 16 << 20      # large photos are converted in horizontal strips of about this many RGB bytes
+
+
 def _to_rgb_array(path: Path, image) -> np.ndarray:
+    """(H, W, 3) uint8, converted strip by strip: peak memory is the decoded image plus the result.
+
+    Converting the whole image at once (``convert`` copies, ``np.asarray`` goes through ``tobytes``)
+    held four to five copies of a large photo at the same time. Every conversion here is per pixel,
+    so strips give exactly the whole-image result.
+    """
     from PIL import Image
 
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         image = Image.fromarray(_high_depth_grey_to_uint8(np.asarray(image)))
     has_alpha = "A" in image.getbands() or "transparency" in image.info
+    width, height = image.size
+    out = np.empty((height, width, 3), np.uint8)
+    rows = max(1, STRIP_BYTES // (3 * width))
     try:
-        if has_alpha:
-            rgba = image.convert("RGBA")
-            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            image = Image.alpha_composite(white, rgba)
-        rgb = image.convert("RGB")  # also covers L, 1, P, CMYK (Adobe-inverted JPEGs included) and YCbCr
+        for top in range(0, height, rows):
+            strip = image.crop((0, top, width, min(height, top + rows))) if rows < height else image
+            if has_alpha:
+                rgba = strip.convert("RGBA")
+                white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                strip = Image.alpha_composite(white, rgba)
+            if strip.mode != "RGB":
+                strip = strip.convert("RGB")  # also covers L, 1, P, CMYK (Adobe-inverted JPEGs included) and YCbCr
+            out[top:top + strip.size[1]] = np.asarray(strip, dtype=np.uint8)
     except ValueError:
         raise InputError(f"Image file '{path}' uses colour mode {image.mode}, which cannot be converted to RGB.") from None
-    return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8))
+    return out
 
 
 def _high_depth_grey_to_uint8(values: np.ndarray) -> np.ndarray:
@@ -273,6 +320,7 @@ class VideoWriter:
         self._video_stream = None
         self._audio_stream = None
         self._temp_path: Path | None = None
+        self._created_dirs: list[Path] = []  # made for this file, deepest first; removed again on abort
 
     # -- lifecycle
 
@@ -335,23 +383,29 @@ class VideoWriter:
         if self._temp_path is not None:
             self._temp_path.unlink(missing_ok=True)
             self._temp_path = None
+        for directory in self._created_dirs:  # nothing partial: directories made for the video go too
+            try:
+                directory.rmdir()
+            except OSError:  # not empty (someone else wrote there) or already gone
+                break
+        self._created_dirs = []
 
     # -- target and temporary file
 
     def _check_target(self) -> None:
-        if self.path.is_dir():
-            raise OutputError(f"Output path '{self.path}' is a directory, not a video file name.")
-        if self.path.exists() and not self.overwrite:
-            raise OutputError(f"Output file '{self.path}' already exists; pass overwrite=True (--overwrite) to replace it.")
+        check_output_path(self.path, self.overwrite)
 
     def _make_temp_file(self) -> Path:
         directory = self.path.parent
         try:
+            self._created_dirs = list(itertools.takewhile(lambda d: not d.exists(), (directory, *directory.parents)))
             directory.mkdir(parents=True, exist_ok=True)
             handle, name = tempfile.mkstemp(prefix=f".{self.path.stem}.", suffix=".part.mp4", dir=directory)
         except (FileExistsError, NotADirectoryError):
+            self.abort()
             raise OutputError(f"Cannot write video file '{self.path}': part of the directory path is a file, not a directory.") from None
         except OSError as err:
+            self.abort()
             raise OutputError(f"Cannot write video file '{self.path}' in directory '{directory}' ({_one_line(err)}).") from None
         os.close(handle)
         os.chmod(name, 0o666 & ~_current_umask())  # mkstemp makes it 0600; give the usual mode instead
@@ -365,6 +419,7 @@ class VideoWriter:
         except OSError as err:
             raise OutputError(f"Cannot move the finished video to '{self.path}' ({_one_line(err)}).") from None
         self._temp_path = None
+        self._created_dirs = []
 
     # -- streams
 
