@@ -88,7 +88,7 @@ def run(
     precision: str = typer.Option("fp32", "--precision", help="torch backend on cuda: fp32, or fp16 (autocast)"),
     cuda_graphs: bool = typer.Option(False, "--cuda-graphs", help="torch backend on cuda: replay per-frame stages "
                                      "from CUDA graphs"),
-    size: int = typer.Option(256, "--size", help="render size: 256 or 512"),
+    size: Optional[int] = typer.Option(None, "--size", help="render size: 256 (default) or 512; engines fix it"),
     preprocess: str = typer.Option("crop", "--preprocess", help="crop, extcrop, resize, full or extfull"),
     still: bool = typer.Option(False, "--still", help="keep the head pose of the photo"),
     pose_style: int = typer.Option(0, "--pose-style", help="head-motion style, 0..45"),
@@ -109,25 +109,22 @@ def run(
     options = Options(pose_style=pose_style, expression_scale=expression_scale, still=still, seed=seed,
                       batch_size=batch_size, duration=duration)
     options.validate()
-    if output.exists() and not overwrite:
-        from .errors import OutputError
-
-        raise OutputError(f"{output} exists; pass --overwrite to replace it.")
+    _check_run_paths(image, audio, output, overwrite)
     if backend == "torch":
         if engines is not None:
             raise UsageError("--engines is for --backend onnxruntime or tensorrt.")
-        weights = weight_source(checkpoints, synthetic_weights, size, old_version)
+        weights = weight_source(checkpoints, synthetic_weights, size or 256, old_version)
         if weights.synthetic:
             typer.echo(f"note: {weights.describe()}.", err=True)
         if precision not in ("fp32", "fp16"):
             raise UsageError(f"--precision must be fp32 or fp16, not '{precision}'.")
-        head = TalkingHead.from_weights(weights, size=size, device=device, precision=precision,
+        head = TalkingHead.from_weights(weights, size=size or 256, device=device, precision=precision,
                                         cuda_graphs=cuda_graphs)
     else:
         if checkpoints is not None or synthetic_weights is not None:
             raise UsageError(f"--backend {backend} reads --engines DIR; weights were fixed at export.")
         head = TalkingHead.from_engines(engines, backend=backend, device=device)
-        if size != head.size and size != 256:
+        if size is not None and size != head.size:
             raise UsageError(f"--size {size} does not match the engines in {engines} (size {head.size}).")
         for line in getattr(head.backend, "notes", []):
             typer.echo(f"note: {line}", err=True)
@@ -272,6 +269,27 @@ def bench(
         raise bench_mod.ParityFailure(f"parity failed or the run crashed for {', '.join(bad)} (reports written).")
 
 
+def _check_run_paths(image: Path, audio: Path, output: Path, overwrite: bool) -> None:
+    """Everything about the inputs and the output that can fail, checked before any model loads."""
+    from . import media
+    from .errors import OutputError
+
+    media.load_image(image)
+    media.load_audio(audio)
+    for source in (image, audio):
+        if output.exists() and source.exists() and output.resolve() == source.resolve():
+            raise OutputError(f"{output} is an input of this run; choose another output.")
+    if output.exists() and not overwrite:
+        raise OutputError(f"{output} exists; pass --overwrite to replace it.")
+    if output.is_dir():
+        raise OutputError(f"{output} is a directory; give the path of the mp4 to write.")
+    for parent in output.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OutputError(f"{output} cannot be written: {parent} is not a directory.")
+            break
+
+
 def _normalize_argv(argv: list[str]) -> list[str]:
     """``--synthetic-weights`` takes an optional seed (a bare flag means seed 0); ``--debug`` may stand anywhere."""
     out = ["--debug"] if "--debug" in argv else []
@@ -286,6 +304,10 @@ def _normalize_argv(argv: list[str]) -> list[str]:
     return out
 
 
+def _one_line(err: BaseException) -> str:
+    return str(err).replace("\r", "\\r").replace("\n", "\\n")
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     import click
 
@@ -294,11 +316,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     try:
         code = app(args=args, prog_name="sadtalker-rt", standalone_mode=False)
         if isinstance(code, int) and code:     # typer.Exit(n) comes back as a return value here
+            if code == 130:
+                typer.echo("error: interrupted.", err=True)
             sys.exit(code)
     except SadTalkerError as err:
         if debug:
             raise
-        typer.echo(f"error: {err}", err=True)
+        typer.echo(f"error: {_one_line(err)}", err=True)
         sys.exit(err.exit_code)
     except click.exceptions.Exit as exit_:
         sys.exit(exit_.exit_code)
@@ -317,7 +341,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     except Exception as err:  # a bug of ours: still one line, the traceback behind --debug
         if debug:
             raise
-        typer.echo(f"error: internal error ({type(err).__name__}: {err}); run with --debug for the traceback.", err=True)
+        typer.echo(f"error: internal error ({type(err).__name__}: {_one_line(err)}); run with --debug for the "
+                   "traceback.", err=True)
         sys.exit(1)
 
 

@@ -179,7 +179,7 @@ class TalkingHead:
         frames = audio_features.frame_count(len(wav))
         if frames < 1:
             raise InputError(f"{audio if not isinstance(audio, np.ndarray) else 'the audio'} is shorter than one "
-                             f"video frame ({len(wav) / SAMPLE_RATE * 1000:.0f} ms < 40 ms).")
+                             f"video frame ({len(wav)} samples at 16 kHz, {len(wav) / 16:.1f} ms < 40 ms).")
         wav = wav[: frames * SAMPLE_RATE // FPS]
         windows = audio_features.MelWindows(audio_features.melspectrogram(wav), frames)
         rng = np.random.default_rng(options.seed)

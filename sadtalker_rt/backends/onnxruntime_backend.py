@@ -29,7 +29,7 @@ def _providers(device: str) -> list[str]:
 
 
 class OnnxRuntimeRunner:
-    def __init__(self, stage_name: str, path: Path, providers: list[str]):
+    def __init__(self, stage_name: str, path: Path, providers: list[str], size: int | None = None):
         import onnxruntime as ort
 
         self.stage = STAGES[stage_name]
@@ -44,6 +44,13 @@ class OnnxRuntimeRunner:
         if names != expected:
             raise WeightsError(f"{path} takes inputs {sorted(names)}, but stage {stage_name} needs {sorted(expected)}.")
         self.output_names = [t.name for t in self.stage.outputs]
+        if size is not None:
+            for graph_input in self.session.get_inputs():
+                expected = self.stage.input(graph_input.name).resolve(size, batch=-1, frames=-1)
+                static = [(d, e) for d, e in zip(graph_input.shape, expected) if isinstance(d, int) and e != -1]
+                if len(graph_input.shape) != len(expected) or any(d != e for d, e in static):
+                    raise WeightsError(f"{path} takes {graph_input.name} of shape {graph_input.shape}, but its manifest "
+                                       f"says size {size} ({list(expected)}); it was exported for another size.")
 
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         check_feeds(self.stage, feeds)
@@ -68,7 +75,7 @@ class OnnxRuntimeBackend:
     def runner(self, stage: str) -> OnnxRuntimeRunner:
         if stage not in self._runners:
             path = verified_path(self.directory, self.manifest, stage)
-            self._runners[stage] = OnnxRuntimeRunner(stage, path, self._providers)
+            self._runners[stage] = OnnxRuntimeRunner(stage, path, self._providers, self.size)
         return self._runners[stage]
 
     def describe(self) -> dict:
