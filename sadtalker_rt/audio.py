@@ -69,11 +69,19 @@ def _hann_window() -> np.ndarray:
     return 0.5 - 0.5 * np.cos(2.0 * np.pi * n / N_FFT)      # periodic Hann, as librosa's STFT
 
 
-def _stft_magnitude(signal: np.ndarray) -> np.ndarray:
-    """|STFT| as (frames, 401): centred frames, 400 zeros each side (librosa >= 0.10 padding)."""
+def _stft_mel(signal: np.ndarray, block: int = 4096) -> np.ndarray:
+    """mel(|STFT|) as (frames, 80): centred frames, 400 zeros each side (librosa >= 0.10 padding).
+
+    Frames are transformed a block at a time (each frame is independent), so an hour of audio never holds
+    its whole complex spectrogram.
+    """
     padded = np.pad(signal, N_FFT // 2)
     frames = np.lib.stride_tricks.sliding_window_view(padded, N_FFT)[::HOP]
-    return np.abs(np.fft.rfft(frames * _hann_window(), axis=-1))
+    window, bank = _hann_window(), mel_filterbank().T.astype(np.float64)
+    out = np.empty((len(frames), bank.shape[1]), np.float64)
+    for start in range(0, len(frames), block):
+        out[start:start + block] = np.abs(np.fft.rfft(frames[start:start + block] * window, axis=-1)) @ bank
+    return out
 
 
 def melspectrogram(wav16k: np.ndarray) -> np.ndarray:
@@ -81,7 +89,7 @@ def melspectrogram(wav16k: np.ndarray) -> np.ndarray:
     x = np.asarray(wav16k, dtype=np.float64).reshape(-1)
     emphasized = x.copy()
     emphasized[1:] -= PREEMPHASIS * x[:-1]
-    mel = _stft_magnitude(emphasized) @ mel_filterbank().T.astype(np.float64)
+    mel = _stft_mel(emphasized)
     min_level = np.exp(MIN_LEVEL_DB / 20 * np.log(10))
     db = 20 * np.log10(np.maximum(min_level, mel)) - REF_LEVEL_DB
     normalised = 2 * MAX_ABS * ((db - MIN_LEVEL_DB) / -MIN_LEVEL_DB) - MAX_ABS

@@ -1005,8 +1005,6 @@ HOUR_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.heavy
 @needs_proc
-@pytest.mark.xfail(strict=True, reason="audio.melspectrogram holds the whole STFT of the utterance in float64: "
-                                       "4.8 GB of peak growth for an hour of audio")
 def test_an_hour_of_audio_keeps_memory_bounded(assets_dir):
     minutes, bound_gib = 60, 3.0
     done = subprocess.run([sys.executable, "-c", HOUR_SCRIPT, str(assets_dir / GOOD_PHOTO), str(minutes * 60),
