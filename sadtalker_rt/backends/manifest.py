@@ -34,8 +34,9 @@ def load_manifest(directory: Path) -> dict:
         raise WeightsError(f"{path} is not a manifest (a JSON object was expected).")
     if manifest.get("format") != FORMAT:
         raise WeightsError(f"{path} has format {manifest.get('format')!r}; this toolkit ({__version__}) reads {FORMAT!r}.")
-    if manifest.get("size") not in (256, 512) or not isinstance(manifest.get("stages"), dict):
-        raise WeightsError(f"{path} lacks a render size of 256 or 512 or its stages; re-run `sadtalker-rt export`.")
+    size = manifest.get("size")
+    if not (isinstance(size, int) and size > 0 and size % 4 == 0) or not isinstance(manifest.get("stages"), dict):
+        raise WeightsError(f"{path} lacks a render size or its stages; re-run `sadtalker-rt export`.")
     return manifest
 
 
