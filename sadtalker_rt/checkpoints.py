@@ -90,6 +90,10 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
+    odd = _unreadable_dtypes(path)
+    if odd:    # decided from the header, so the answer does not depend on which numpy extensions are loaded
+        raise WeightsError(f"{path} holds tensors of a type this toolkit cannot read ({', '.join(odd)}); "
+                           "it is not a SadTalker checkpoint, whose tensors are float32.")
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
@@ -97,6 +101,28 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     except (TypeError, AttributeError) as err:   # bfloat16, float8 ...: dtypes numpy does not have
         raise WeightsError(f"{path} holds tensors of a type this toolkit cannot read ({_first_line(err)}); "
                            "it is not a SadTalker checkpoint, whose tensors are float32.") from None
+
+
+READABLE_DTYPES = {"F16", "F32", "F64", "I8", "I16", "I32", "I64", "U8", "BOOL"}
+
+
+def _unreadable_dtypes(path: Path) -> list[str]:
+    """Tensor dtypes in a safetensors header that numpy has no type for (bfloat16, float8, ...)."""
+    import json
+    import struct
+
+    try:
+        with open(path, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            if length > 100 << 20:
+                return []
+            header = json.loads(handle.read(length))
+    except (OSError, struct.error, ValueError, UnicodeDecodeError):
+        return []          # the loader reports damaged files
+    if not isinstance(header, dict):
+        return []
+    return sorted({v.get("dtype") for k, v in header.items() if isinstance(v, dict) and k != "__metadata__"}
+                  - READABLE_DTYPES - {None})
 
 
 ZIP_MAGIC = b"PK"           # torch.save since 1.6
