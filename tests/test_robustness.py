@@ -1006,9 +1006,14 @@ HOUR_SCRIPT = textwrap.dedent("""
 @pytest.mark.heavy
 @needs_proc
 def test_an_hour_of_audio_keeps_memory_bounded(assets_dir):
+    import sadtalker_rt
+
     minutes, bound_gib = 60, 3.0
+    # The child imports the package under test, wherever the environment's installed copy points.
+    here = str(Path(sadtalker_rt.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)}
     done = subprocess.run([sys.executable, "-c", HOUR_SCRIPT, str(assets_dir / GOOD_PHOTO), str(minutes * 60),
-                           str(bound_gib)], capture_output=True, text=True, timeout=3 * 3600)
+                           str(bound_gib)], capture_output=True, text=True, timeout=3 * 3600, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["frames"] == minutes * 60 * FPS
