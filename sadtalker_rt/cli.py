@@ -109,7 +109,7 @@ def run(
     options = Options(pose_style=pose_style, expression_scale=expression_scale, still=still, seed=seed,
                       batch_size=batch_size, duration=duration)
     options.validate()
-    _check_run_paths(image, audio, output, overwrite)
+    photo, wav = _load_run_inputs(image, audio, output, overwrite)
     if backend == "torch":
         if engines is not None:
             raise UsageError("--engines is for --backend onnxruntime or tensorrt.")
@@ -130,10 +130,10 @@ def run(
             typer.echo(f"note: {line}", err=True)
     bars = StageBars(None if not quiet else False)
     start = time.perf_counter()
-    avatar = head.prepare_avatar(image, preprocess)
+    avatar = head.prepare_avatar(photo, preprocess, name=str(image))
     for line in avatar.notes:
         typer.echo(f"note: {line}", err=True)
-    head.write_video(avatar, audio, output, options, overwrite=overwrite, progress=bars)
+    head.write_video(avatar, wav, output, options, overwrite=overwrite, progress=bars, audio_name=str(audio))
     bars.close()
     typer.echo(f"wrote {output} in {time.perf_counter() - start:.1f} s")
 
@@ -269,25 +269,17 @@ def bench(
         raise bench_mod.ParityFailure(f"parity failed or the run crashed for {', '.join(bad)} (reports written).")
 
 
-def _check_run_paths(image: Path, audio: Path, output: Path, overwrite: bool) -> None:
-    """Everything about the inputs and the output that can fail, checked before any model loads."""
+def _load_run_inputs(image: Path, audio: Path, output: Path, overwrite: bool):
+    """Decode both inputs and check the output location before any model loads; returns (photo, wav)."""
     from . import media
     from .errors import OutputError
 
-    media.load_image(image)
-    media.load_audio(audio)
+    photo, wav = media.load_image(image), media.load_audio(audio)
     for source in (image, audio):
-        if output.exists() and source.exists() and output.resolve() == source.resolve():
+        if output.exists() and output.resolve() == source.resolve():
             raise OutputError(f"{output} is an input of this run; choose another output.")
-    if output.exists() and not overwrite:
-        raise OutputError(f"{output} exists; pass --overwrite to replace it.")
-    if output.is_dir():
-        raise OutputError(f"{output} is a directory; give the path of the mp4 to write.")
-    for parent in output.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise OutputError(f"{output} cannot be written: {parent} is not a directory.")
-            break
+    media.check_output_path(output, overwrite)
+    return photo, wav
 
 
 def _normalize_argv(argv: list[str]) -> list[str]:

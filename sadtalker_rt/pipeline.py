@@ -128,12 +128,13 @@ class TalkingHead:
         return self.backend.runner(stage).infer(feeds)
 
     # -- once per photo -------------------------------------------------------------------------
-    def prepare_avatar(self, image: ImageLike, preprocess: str = "crop") -> Avatar:
+    def prepare_avatar(self, image: ImageLike, preprocess: str = "crop", name: Optional[str] = None) -> Avatar:
+        """``name`` says which file an array came from, for messages."""
         from . import landmarks, media, preprocess as prep
 
         if preprocess not in PREPROCESS_MODES:
             raise UsageError(f"--preprocess must be one of {', '.join(PREPROCESS_MODES)}, not '{preprocess}'.")
-        name = str(image) if not isinstance(image, np.ndarray) else "the image"
+        name = name or (str(image) if not isinstance(image, np.ndarray) else "the image")
         photo = media.load_image(image) if not isinstance(image, np.ndarray) else np.ascontiguousarray(image)
         found = landmarks.detect(photo, name=name)
         notes = list(found.notes)
@@ -169,7 +170,7 @@ class TalkingHead:
 
     # -- once per utterance ---------------------------------------------------------------------
     def motion(self, avatar: Avatar, audio: AudioLike, options: Options = Options(),
-               progress: Progress = _noop) -> Motion:
+               progress: Progress = _noop, name: Optional[str] = None) -> Motion:
         from . import audio as audio_features, coeffs, media
 
         options.validate()
@@ -178,7 +179,8 @@ class TalkingHead:
             wav = wav[: int(round(options.duration * SAMPLE_RATE))]
         frames = audio_features.frame_count(len(wav))
         if frames < 1:
-            raise InputError(f"{audio if not isinstance(audio, np.ndarray) else 'the audio'} is shorter than one "
+            name = name or (str(audio) if not isinstance(audio, np.ndarray) else "the audio")
+            raise InputError(f"{name} is shorter than one "
                              f"video frame ({len(wav)} samples at 16 kHz, {len(wav) / 16:.1f} ms < 40 ms).")
         wav = wav[: frames * SAMPLE_RATE // FPS]
         windows = audio_features.MelWindows(audio_features.melspectrogram(wav), frames)
@@ -244,10 +246,10 @@ class TalkingHead:
         yield from self.render(avatar, self.motion(avatar, audio, options, progress), options, progress)
 
     def write_video(self, avatar: Avatar, audio: AudioLike, output: Union[str, Path], options: Options = Options(),
-                    overwrite: bool = False, progress: Progress = _noop) -> Path:
+                    overwrite: bool = False, progress: Progress = _noop, audio_name: Optional[str] = None) -> Path:
         from .media import VideoWriter
 
-        motion = self.motion(avatar, audio, options, progress)
+        motion = self.motion(avatar, audio, options, progress, name=audio_name)
         width, height = avatar.output_size
         with VideoWriter(Path(output), width, height, audio=motion.wav, fps=FPS, sample_rate=SAMPLE_RATE,
                          overwrite=overwrite) as writer:

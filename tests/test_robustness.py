@@ -184,13 +184,14 @@ def head(assets_dir) -> TalkingHead:
     good = (assets_dir / GOOD_PHOTO).resolve()
     cache: dict[tuple, Avatar] = {}
 
-    def prepare_avatar(image, preprocess="crop"):
-        if isinstance(image, (str, Path)) and Path(image).resolve() == good:
+    def prepare_avatar(image, preprocess="crop", name=None):
+        source = image if isinstance(image, (str, Path)) else name      # the CLI hands over the decoded photo
+        if source is not None and Path(source).resolve() == good:
             key = (preprocess, good.stat().st_mtime_ns)
             if key not in cache:
-                cache[key] = real_prepare(image, preprocess)
+                cache[key] = real_prepare(image, preprocess, name=name)
             return cache[key]
-        return real_prepare(image, preprocess)
+        return real_prepare(image, preprocess, name=name)
 
     model.prepare_avatar = prepare_avatar
     model.real_prepare_avatar = real_prepare
