@@ -1,24 +1,31 @@
-# One command each: `make demo` sets up and renders the demo video; `make test` runs the test suite.
+# One command each: `make demo` sets up a virtual environment and renders the demo video;
+# `make test` sets up the same environment and runs the test suite.
+# VENV is where the environment lives (.ci/run points it at a new, empty folder on every run).
 PYTHON ?= python3
-# The CPU build of torch 2.13; set TORCH= to keep an installed torch.
+VENV ?= .venv
+# The CPU build of torch 2.13 (installs from the local package index); set TORCH= to keep an installed torch.
 TORCH ?= torch==2.13.0
 DEMO_ARGS ?= --synthetic-weights --duration 1
+BIN := $(VENV)/bin
 
 .PHONY: setup demo test test-heavy conformance
 
-setup:
-	$(PYTHON) -m pip install --quiet $(TORCH)
-	$(PYTHON) -m pip install --quiet -e '.[torch,dev]'
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+setup: $(BIN)/python
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -e '.[torch,dev]'
 
 demo: setup
 	mkdir -p out
-	sadtalker-rt run sadtalker_rt/assets/astronaut.jpg sadtalker_rt/assets/speech.wav -o out/demo.mp4 --overwrite $(DEMO_ARGS)
+	$(BIN)/sadtalker-rt run sadtalker_rt/assets/astronaut.jpg sadtalker_rt/assets/speech.wav -o out/demo.mp4 --overwrite $(DEMO_ARGS)
 
 test: setup
-	$(PYTHON) -m pytest -q
+	$(BIN)/python -m pytest -q
 
 test-heavy: setup
-	$(PYTHON) -m pytest -q -m heavy
+	$(BIN)/python -m pytest -q -m heavy
 
 conformance: setup
-	sadtalker-rt conformance ../shared/conformance
+	$(BIN)/sadtalker-rt conformance ../shared/conformance

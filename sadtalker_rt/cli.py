@@ -301,7 +301,7 @@ def _one_line(err: BaseException) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    import click
+    from typer.exceptions import TyperException   # usage errors (typer vendors click; click is not ours to import)
 
     args = _normalize_argv(list(sys.argv[1:] if argv is None else argv))
     debug = "--debug" in args
@@ -316,12 +316,12 @@ def main(argv: Optional[list[str]] = None) -> None:
             raise
         typer.echo(f"error: {_one_line(err)}", err=True)
         sys.exit(err.exit_code)
-    except click.exceptions.Exit as exit_:
+    except typer.Exit as exit_:
         sys.exit(exit_.exit_code)
-    except click.ClickException as err:
+    except TyperException as err:
         typer.echo(f"error: {err.format_message()}", err=True)
         sys.exit(UsageError.exit_code)
-    except click.exceptions.Abort:
+    except typer.Abort:
         typer.echo("error: interrupted.", err=True)
         sys.exit(130)
     except KeyboardInterrupt:

@@ -904,7 +904,7 @@ class CupyContext(FakeContext):
     def execute_async_v3(self, stream):
         import warnings
 
-        import cupy
+        cupy = pytest.importorskip("cupy")
 
         def device(name, shape):
             memory = cupy.cuda.UnownedMemory(self.addresses[name], int(np.prod(shape)) * 4, None)
