@@ -20,8 +20,8 @@ import numpy as np
 
 def prepare(image: str, audio: str, out_dir: Path, preprocess: str = "crop") -> None:
     from sadtalker_rt import media
-    from sadtalker_rt.checkpoints import WeightSource
-    from sadtalker_rt.pipeline import TalkingHead
+    from sadtalker_rt.models.checkpoints import WeightSource
+    from sadtalker_rt.runtime.pipeline import TalkingHead
 
     head = TalkingHead.from_weights(WeightSource(synthetic_seed=0))
     avatar = head.prepare_avatar(image, preprocess)
@@ -34,8 +34,8 @@ def prepare(image: str, audio: str, out_dir: Path, preprocess: str = "crop") -> 
 def main() -> None:
     import torch
 
-    from sadtalker_rt.checkpoints import WeightSource
-    from sadtalker_rt.pipeline import Options, TalkingHead
+    from sadtalker_rt.models.checkpoints import WeightSource
+    from sadtalker_rt.runtime.pipeline import Options, TalkingHead
 
     parser = argparse.ArgumentParser()
     parser.add_argument("avatar", type=Path)

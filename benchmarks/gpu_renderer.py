@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sadtalker_rt.checkpoints import WeightSource
+from sadtalker_rt.models.checkpoints import WeightSource
 from sadtalker_rt.models.stage_modules import stage_module
 from sadtalker_rt.parity import psnr
 

@@ -117,8 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from sadtalker_rt import media
-    from sadtalker_rt.checkpoints import WeightSource
-    from sadtalker_rt.pipeline import FPS, Options, TalkingHead
+    from sadtalker_rt.models.checkpoints import WeightSource
+    from sadtalker_rt.runtime.pipeline import FPS, Options, TalkingHead
 
     photos, speech = inputs()
     report = {

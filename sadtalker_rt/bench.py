@@ -108,7 +108,7 @@ HEAD_POSE_METHOD = ("rotation fitted by least squares (Kabsch) from the referenc
 class BenchConfig:
     """What one ``sadtalker-rt bench`` run measures. Paths may be None: the bundled demo photo and speech."""
 
-    weights: object                                   # sadtalker_rt.checkpoints.WeightSource
+    weights: object                                   # sadtalker_rt.models.checkpoints.WeightSource
     size: int = 256
     backends: tuple[str, ...] = ()                    # empty: every backend this machine can run
     batch_sizes: tuple[int, ...] = (OFFICIAL_BATCH,)  # per-frame stage timings; the first is the end-to-end batch
@@ -394,7 +394,7 @@ class OfficialRenderer:
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        from .backends import check_feeds
+        from .runtime.backends import check_feeds
 
         check_feeds(self.stage, feeds)
         if self.backend.source_image is None:
@@ -482,7 +482,7 @@ class BenchContext:
     def torch_backend(self, precision: str = "fp32"):
         """One torch backend per precision, shared by the baseline and the ``torch`` backends."""
         if precision not in self.torch_backends:
-            from .backends.torch_backend import TorchBackend
+            from .runtime.backends.torch_backend import TorchBackend
 
             self.torch_backends[precision] = TorchBackend(self.config.weights, size=self.config.size,
                                                           device=self.device, precision=precision)
@@ -524,8 +524,8 @@ def open_torch_fp16(ctx: BenchContext) -> Opened:
 
 def _graphs(ctx: BenchContext, precision: str) -> tuple[Path, list[str]]:
     """Exported graphs of one precision: reused from --engines-dir when they match, else exported."""
-    from .backends.manifest import load_manifest, verified_path
-    from .export.onnx_export import EXPORT_ORDER, ExportValidationError, export_graphs
+    from .runtime.manifest import load_manifest, verified_path
+    from .build.export.onnx_export import EXPORT_ORDER, ExportValidationError, export_graphs
 
     weights, size = ctx.config.weights, ctx.config.size
     if ctx.config.engines_dir is not None:
@@ -558,14 +558,14 @@ def _graphs(ctx: BenchContext, precision: str) -> tuple[Path, list[str]]:
 
 
 def _manifest_precisions(directory: Path, stages: tuple[str, ...]) -> dict:
-    from .backends.manifest import load_manifest
+    from .runtime.manifest import load_manifest
 
     entries = load_manifest(directory)["stages"]
     return {s: entries[s]["precision"] for s in stages if s in entries}
 
 
 def _open_onnxruntime(ctx: BenchContext, precision: str) -> Opened:
-    from .backends.onnxruntime_backend import OnnxRuntimeBackend
+    from .runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 
     if ctx.device == "cuda" and "CUDAExecutionProvider" not in _ort_providers():
         raise BackendSkipped("this onnxruntime has no CUDA provider (pip install onnxruntime-gpu)")
@@ -592,8 +592,8 @@ def _open_tensorrt(ctx: BenchContext, precision: str) -> Opened:
         raise BackendSkipped("TensorRT needs a CUDA device (--device cuda)")
     if ctx.config.engines_dir is None:
         raise BackendSkipped("TensorRT engines are kept in --engines-dir; give one")
-    from .backends.tensorrt_backend import TensorRTBackend
-    from .engines.build import build_engines
+    from .runtime.backends.tensorrt_backend import TensorRTBackend
+    from .build.tensorrt import build_engines
 
     onnx_dir, notes = _graphs(ctx, precision)
     engines = Path(ctx.config.engines_dir) / f"tensorrt-{precision}-{ctx.config.size}-{ctx.config.weights.identity()}"
@@ -675,7 +675,7 @@ def mouth_box(frame: np.ndarray | None, size: int, mode: str = "landmarks") -> d
                  FIXED_MOUTH_BOX[0], FIXED_MOUTH_BOX[2], FIXED_MOUTH_BOX[1], FIXED_MOUTH_BOX[3])}
     if mode == "fixed" or frame is None:
         return fixed
-    from . import landmarks
+    from .runtime import landmarks
 
     try:
         points = landmarks.detect(frame, name="the source frame").landmarks[MOUTH_POINTS]
@@ -854,7 +854,7 @@ class BackendBench:
 
     def warm_up_official(self, image, wav: np.ndarray) -> None:
         """The baseline has no reference inputs to warm up on: a short generate of one batch does it."""
-        from .pipeline import Options, TalkingHead
+        from .runtime.pipeline import Options, TalkingHead
 
         head = TalkingHead(self.instrumented, self.config.size)
         with self.instrumented.phase("warmup"):
@@ -863,7 +863,7 @@ class BackendBench:
                                Options(batch_size=OFFICIAL_BATCH, seed=0)))
 
     def end_to_end(self, image, wav: np.ndarray, batch: int) -> tuple[dict, object]:
-        from .pipeline import Options, TalkingHead
+        from .runtime.pipeline import Options, TalkingHead
 
         head = TalkingHead(self.instrumented, self.config.size)
         progress = _prefixed(self.ctx.progress, self.name)

@@ -27,7 +27,7 @@ def _main(debug: bool = typer.Option(False, "--debug", help="show tracebacks")) 
 
 
 def weight_source(checkpoints: Optional[Path], synthetic_weights: Optional[int], size: int, old_version: bool = False):
-    from .checkpoints import WeightSource
+    from .models.checkpoints import WeightSource
 
     if (checkpoints is None) == (synthetic_weights is None):
         raise UsageError("give either --checkpoints DIR (official weights) or --synthetic-weights [SEED].")
@@ -103,7 +103,7 @@ def run(
     """Animate IMAGE with AUDIO into an mp4 (H.264 + AAC, 25 fps)."""
     import time
 
-    from .pipeline import Options, TalkingHead
+    from .runtime.pipeline import Options, TalkingHead
     from .progress import StageBars
 
     options = Options(pose_style=pose_style, expression_scale=expression_scale, still=still, seed=seed,
@@ -152,7 +152,7 @@ def export(
     quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
 ) -> None:
     """Export one ONNX graph per stage, validated against PyTorch, with a manifest."""
-    from .export.onnx_export import EXPORT_ORDER, export_graphs
+    from .build.export.onnx_export import EXPORT_ORDER, export_graphs
     from .progress import StageBars
 
     weights = weight_source(checkpoints, synthetic_weights, size, old_version)
@@ -180,7 +180,7 @@ def build(
     quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
 ) -> None:
     """Build a TensorRT engine per exported stage for this GPU; engines whose key still matches are reused."""
-    from .engines.build import build_engines
+    from .build.tensorrt import build_engines
     from .progress import StageBars
 
     bars = StageBars(None if not quiet else False)

@@ -34,7 +34,7 @@ class Stage:
     rate: str                               # "image", "audio" or "frame"
     inputs: tuple[Tensor, ...]
     outputs: tuple[Tensor, ...]
-    subnetworks: tuple[str, ...]            # sources of its weights (sadtalker_rt.checkpoints)
+    subnetworks: tuple[str, ...]            # sources of its weights (sadtalker_rt.models.checkpoints)
     fp32_reason: str = ""                   # non-empty: the stage stays FP32 in "fp16" exports, and why
     rtol_fp32: float = 1e-4                 # export validation of FP32 graphs (issue contract)
     profile: tuple[int, int, int] = (1, 1, 1)   # TensorRT min/opt/max of the dynamic axis

@@ -10,11 +10,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sadtalker_rt import audio, coeffs
+from sadtalker_rt.runtime import audio_features as audio
+from sadtalker_rt.runtime import coeffs
 from sadtalker_rt.conformance import run_directory
 from sadtalker_rt.errors import WeightsError
 from sadtalker_rt.models import audio2exp, audio2pose
-from sadtalker_rt.synthetic import synthetic_state_dict
+from sadtalker_rt.models.synthetic import synthetic_state_dict
 
 AUDIO_STAGES = {"audio_features", "audio2exp", "audio2pose", "semantic_windows", "pose_smoothing"}
 MODELS = {"audio2exp": audio2exp, "audio2pose": audio2pose}

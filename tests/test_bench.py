@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from sadtalker_rt import bench
-from sadtalker_rt.backends import check_feeds
-from sadtalker_rt.checkpoints import WeightSource
+from sadtalker_rt.runtime.backends import check_feeds
+from sadtalker_rt.models.checkpoints import WeightSource
 from sadtalker_rt.cli import main
 from sadtalker_rt.stages import STAGES
 

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from sadtalker_rt.checkpoints import SUBNETWORKS, WeightSource, official_template, safetensors_name
+from sadtalker_rt.models.checkpoints import SUBNETWORKS, WeightSource, official_template, safetensors_name
 from sadtalker_rt.cli import main
 from sadtalker_rt.errors import WeightsError
-from sadtalker_rt.synthetic import synthetic_state_dict
+from sadtalker_rt.models.synthetic import synthetic_state_dict
 
 SAFETENSORS_SUBNETWORKS = [n for n, s in SUBNETWORKS.items() if s.prefix]
 
@@ -63,7 +63,7 @@ def test_official_file_and_synthetic_weights_take_the_same_path(official_dir):
     template = official_template("generator")
     direct = WeightSource(synthetic_seed=7).state_dict("generator")
     assert set(direct) == set(template)
-    from sadtalker_rt.checkpoints import build_subnetwork
+    from sadtalker_rt.models.checkpoints import build_subnetwork
 
     rebuilt = build_subnetwork("generator", direct, "direct").state_dict()
     assert all(torch.equal(from_file[k], rebuilt[k]) for k in from_file)

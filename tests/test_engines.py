@@ -15,12 +15,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from sadtalker_rt.backends.manifest import FORMAT as ONNX_FORMAT
-from sadtalker_rt.backends.manifest import MANIFEST
+from sadtalker_rt.runtime.manifest import FORMAT as ONNX_FORMAT
+from sadtalker_rt.runtime.manifest import MANIFEST
 from sadtalker_rt.engines import plan
-from sadtalker_rt.engines.build import run_builds
-from sadtalker_rt.engines.plan import EngineKey, cache_key, check_engine, engine_action, profile_shapes
-from sadtalker_rt.engines.scheduler import FramePipeline, SerialExecutor
+from sadtalker_rt.build.tensorrt import run_builds
+from sadtalker_rt.runtime.engine_plan import EngineKey, cache_key, check_engine, engine_action, profile_shapes
+from sadtalker_rt.runtime.scheduler import FramePipeline, SerialExecutor
 from sadtalker_rt.errors import EnvironmentProblem, UsageError, WeightsError
 from sadtalker_rt.stages import BATCH, FRAMES, STAGES
 
@@ -206,8 +206,8 @@ def test_shape_problem_names_the_input_and_the_fix():
 
 
 def test_engine_modules_import_no_heavy_libraries():
-    code = ("import sys; import sadtalker_rt.engines.plan, sadtalker_rt.engines.scheduler, sadtalker_rt.engines.build, "
-            "sadtalker_rt.engines.gpu, sadtalker_rt.backends.tensorrt_backend; "
+    code = ("import sys; import sadtalker_rt.runtime.engine_plan, sadtalker_rt.runtime.scheduler, sadtalker_rt.build.tensorrt, "
+            "sadtalker_rt.runtime.cuda, sadtalker_rt.runtime.backends.tensorrt_backend; "
             "print([m for m in ('torch', 'tensorrt', 'onnxruntime', 'cuda', 'onnx') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
@@ -452,7 +452,7 @@ def tiny_graphs(directory: Path) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def ort_runners(tmp_path_factory):
     pytest.importorskip("onnxruntime")
-    from sadtalker_rt.backends.onnxruntime_backend import OnnxRuntimeRunner
+    from sadtalker_rt.runtime.backends.onnxruntime_backend import OnnxRuntimeRunner
 
     paths = tiny_graphs(tmp_path_factory.mktemp("graphs"))
     return {name: OnnxRuntimeRunner(name, path, ["CPUExecutionProvider"]) for name, path in paths.items()}
@@ -598,7 +598,7 @@ FAKE_TRT = SimpleNamespace(TensorIOMode=SimpleNamespace(INPUT="INPUT", OUTPUT="O
 
 
 def fake_runner(stage, cuda, record=None, cuda_graphs=False, rename=None):
-    from sadtalker_rt.backends.tensorrt_backend import TensorRTRunner, engine_io
+    from sadtalker_rt.runtime.backends.tensorrt_backend import TensorRTRunner, engine_io
 
     engine = FakeEngine(stage, cuda, rename)
     return TensorRTRunner(STAGES[stage], engine, engine_io(FAKE_TRT, engine), cuda, record, cuda_graphs)
@@ -679,7 +679,7 @@ def test_runner_falls_back_when_capture_fails(monkeypatch):
 
 
 def test_cuda_executor_pipeline_equals_a_plain_loop():
-    from sadtalker_rt.backends.tensorrt_backend import CudaExecutor
+    from sadtalker_rt.runtime.backends.tensorrt_backend import CudaExecutor
 
     cuda, features, semantics = FakeCuda(), avatar_features(), targets(23)     # 5 batches of 4, then 3
     runners = {name: fake_runner(name, cuda, cuda_graphs=True) for name in ("mapping", "renderer")}
@@ -769,7 +769,7 @@ def no_gpu_libraries(monkeypatch):
 
 
 def test_build_without_tensorrt_says_how_to_install(tmp_path, no_gpu_libraries):
-    from sadtalker_rt.engines.build import build_engines
+    from sadtalker_rt.build.tensorrt import build_engines
 
     onnx_dir = export_dir(tmp_path / "onnx", {"renderer": b"r"})
     with pytest.raises(EnvironmentProblem) as err:
@@ -778,21 +778,21 @@ def test_build_without_tensorrt_says_how_to_install(tmp_path, no_gpu_libraries):
 
 
 def test_backend_without_tensorrt_says_how_to_install(tmp_path, no_gpu_libraries):
-    from sadtalker_rt.backends import open_backend
+    from sadtalker_rt.runtime.backends import open_backend
 
     with pytest.raises(EnvironmentProblem, match=r"TensorRT is not installed; pip install 'sadtalker-rt\[tensorrt\]'"):
         open_backend("tensorrt", engines=tmp_path)
 
 
 def test_cuda_without_cuda_python_says_how_to_install(no_gpu_libraries):
-    from sadtalker_rt.engines.gpu import Cuda
+    from sadtalker_rt.runtime.cuda import Cuda
 
     with pytest.raises(EnvironmentProblem, match=r"cuda-python is not installed; pip install"):
         Cuda()
 
 
 def test_no_gpu_is_one_sentence():
-    from sadtalker_rt.engines.gpu import Cuda
+    from sadtalker_rt.runtime.cuda import Cuda
 
     cudart = SimpleNamespace(cudaError_t=SimpleNamespace(cudaSuccess=0), cudaGetDeviceCount=lambda: (100, 0),
                              cudaGetErrorName=lambda err: (0, b"cudaErrorNoDevice"))
@@ -805,7 +805,7 @@ def test_no_gpu_is_one_sentence():
 @pytest.fixture
 def fake_backend(tmp_path, monkeypatch):
     """A TensorRTBackend whose TensorRT and CUDA are the fakes above, over engines 'built' by the stand-in."""
-    from sadtalker_rt.backends import tensorrt_backend
+    from sadtalker_rt.runtime.backends import tensorrt_backend
 
     cuda = FakeCuda()
 
@@ -827,7 +827,7 @@ def fake_backend(tmp_path, monkeypatch):
 
 
 def test_backend_runs_the_frame_pipeline(fake_backend):
-    from sadtalker_rt.backends import open_backend
+    from sadtalker_rt.runtime.backends import open_backend
 
     directory, cuda = fake_backend
     backend = open_backend("tensorrt", engines=directory)
@@ -842,7 +842,7 @@ def test_backend_runs_the_frame_pipeline(fake_backend):
 
 
 def test_backend_refuses_engines_of_another_gpu_in_one_sentence(fake_backend, monkeypatch):
-    from sadtalker_rt.backends.tensorrt_backend import TensorRTBackend
+    from sadtalker_rt.runtime.backends.tensorrt_backend import TensorRTBackend
 
     directory, cuda = fake_backend
     monkeypatch.setattr(cuda, "properties", lambda: ("NVIDIA GeForce RTX 4090", "8.9"), raising=False)
@@ -856,7 +856,7 @@ def test_backend_refuses_engines_of_another_gpu_in_one_sentence(fake_backend, mo
 # -- on a GPU ------------------------------------------------------------------------------------------------
 def _real_cuda():
     try:
-        from sadtalker_rt.engines.gpu import Cuda
+        from sadtalker_rt.runtime.cuda import Cuda
 
         return Cuda()
     except EnvironmentProblem as err:
@@ -939,8 +939,8 @@ class CupyContext(FakeContext):
 @pytest.mark.parametrize("cuda_graphs", [False, True])
 def test_frame_pipeline_on_cuda_streams(cuda_graphs):
     pytest.importorskip("cupy")
-    from sadtalker_rt.backends.tensorrt_backend import CudaExecutor, TensorRTRunner, engine_io
-    from sadtalker_rt.engines.gpu import Handle
+    from sadtalker_rt.runtime.backends.tensorrt_backend import CudaExecutor, TensorRTRunner, engine_io
+    from sadtalker_rt.runtime.cuda import Handle
 
     cuda = _real_cuda()
     runners = {}
@@ -963,8 +963,8 @@ def test_frame_pipeline_on_cuda_streams(cuda_graphs):
 @pytest.mark.gpu
 def test_tensorrt_engines_match_onnxruntime(tmp_path, ort_runners):
     pytest.importorskip("tensorrt")
-    from sadtalker_rt.backends.tensorrt_backend import TensorRTBackend
-    from sadtalker_rt.engines.build import build_engines
+    from sadtalker_rt.runtime.backends.tensorrt_backend import TensorRTBackend
+    from sadtalker_rt.build.tensorrt import build_engines
 
     paths = tiny_graphs(tmp_path)
     onnx_dir = export_dir(tmp_path / "onnx", {name: path.read_bytes() for name, path in paths.items()})

@@ -1,4 +1,4 @@
-"""FP16 graphs with FP32 islands (sadtalker_rt.export.mixed_precision) and the parity statistics (sadtalker_rt.parity).
+"""FP16 graphs with FP32 islands (sadtalker_rt.build.export.mixed_precision) and the parity statistics (sadtalker_rt.parity).
 
 The graph tests export a tiny torch module with the operations the renderer relies on: conv, instance
 norm, a hand-written normalisation, nearest resize, softmax over a 1024-element axis and a 5-D grid sample
@@ -90,7 +90,7 @@ def _run_ort(model, feeds: dict) -> dict:
 def _run_emulated(mixed, feeds: dict) -> dict:
     import onnxruntime as ort
 
-    from sadtalker_rt.export.mixed_precision import emulate_fp16_storage
+    from sadtalker_rt.build.export.mixed_precision import emulate_fp16_storage
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
@@ -112,7 +112,7 @@ def _run_reference(model, feeds: dict) -> dict:
 def exported():
     pytest.importorskip("torch")
     pytest.importorskip("onnxruntime")
-    from sadtalker_rt.export import mixed_precision as mp
+    from sadtalker_rt.build.export import mixed_precision as mp
 
     model = _export(_tiny_module(loud=True))
     ranges = mp.measure_activation_ranges(model, [_feeds(1), _feeds(2, batch=3)])
@@ -158,7 +158,7 @@ def test_converted_graph_passes_checker_runs_and_matches_fp32(exported):
 def test_policy_ops_and_coordinate_slice_stay_float32(exported):
     from onnx import TensorProto
 
-    from sadtalker_rt.export.mixed_precision import coordinate_slice
+    from sadtalker_rt.build.export.mixed_precision import coordinate_slice
 
     model, _, islands, mixed = exported
     grid = _nodes(model, "GridSample")[0].input[1]
@@ -198,7 +198,7 @@ def test_fp16_weights_and_float32_graph_io(exported):
 
 
 def test_large_activation_is_an_island_and_needed(exported):
-    from sadtalker_rt.export.mixed_precision import convert_to_mixed_precision
+    from sadtalker_rt.build.export.mixed_precision import convert_to_mixed_precision
 
     model, ranges, islands, mixed = exported
     assert ranges["/conv/Conv_output_0"] > 65504
@@ -213,7 +213,7 @@ def test_large_activation_is_an_island_and_needed(exported):
 
 
 def test_emulation_refuses_float16_graph_io(exported):
-    from sadtalker_rt.export.mixed_precision import convert_to_mixed_precision, emulate_fp16_storage
+    from sadtalker_rt.build.export.mixed_precision import convert_to_mixed_precision, emulate_fp16_storage
 
     model, _, islands, _ = exported
     with pytest.raises(ValueError, match="float32 graph inputs"):
@@ -222,7 +222,7 @@ def test_emulation_refuses_float16_graph_io(exported):
 
 def test_quiet_model_keeps_conv_in_fp16():
     pytest.importorskip("torch")
-    from sadtalker_rt.export.mixed_precision import choose_fp32_islands, measure_activation_ranges
+    from sadtalker_rt.build.export.mixed_precision import choose_fp32_islands, measure_activation_ranges
 
     model = _export(_tiny_module(loud=False))
     islands = choose_fp32_islands(model, measure_activation_ranges(model, [_feeds(1)]))
@@ -230,7 +230,7 @@ def test_quiet_model_keeps_conv_in_fp16():
 
 
 def test_islands_summary_is_json_in_graph_order(exported):
-    from sadtalker_rt.export.mixed_precision import islands_summary
+    from sadtalker_rt.build.export.mixed_precision import islands_summary
 
     model, _, islands, _ = exported
     summary = islands_summary(model, islands)
@@ -244,7 +244,7 @@ def test_islands_summary_is_json_in_graph_order(exported):
 def test_keep_io_types_false_makes_float16_inputs(exported):
     from onnx import TensorProto
 
-    from sadtalker_rt.export.mixed_precision import convert_to_mixed_precision
+    from sadtalker_rt.build.export.mixed_precision import convert_to_mixed_precision
 
     model, _, islands, _ = exported
     mixed = convert_to_mixed_precision(model, set(islands), keep_io_types=False)
@@ -254,7 +254,7 @@ def test_keep_io_types_false_makes_float16_inputs(exported):
 
 
 def test_unknown_node_names_are_refused(exported):
-    from sadtalker_rt.export.mixed_precision import convert_to_mixed_precision
+    from sadtalker_rt.build.export.mixed_precision import convert_to_mixed_precision
 
     with pytest.raises(ValueError, match="not in the graph"):
         convert_to_mixed_precision(exported[0], {"/no/such/node"})
@@ -280,7 +280,7 @@ def test_shared_constants_get_a_float16_copy():
     import onnxruntime as ort
     from onnx import TensorProto
 
-    from sadtalker_rt.export.mixed_precision import convert_to_mixed_precision
+    from sadtalker_rt.build.export.mixed_precision import convert_to_mixed_precision
 
     mixed = convert_to_mixed_precision(_shared_constant_model(), {"mul", "mul_c"})
     inits = {i.name: i.data_type for i in mixed.graph.initializer}
@@ -296,7 +296,7 @@ def test_measure_flags_non_finite_tensors():
     pytest.importorskip("onnxruntime")
     from onnx import TensorProto, helper
 
-    from sadtalker_rt.export.mixed_precision import choose_fp32_islands, measure_activation_ranges
+    from sadtalker_rt.build.export.mixed_precision import choose_fp32_islands, measure_activation_ranges
 
     graph = helper.make_graph([helper.make_node("Log", ["x"], ["l"], name="log"),
                                helper.make_node("Relu", ["l"], ["y"], name="relu")], "log",
@@ -310,7 +310,7 @@ def test_measure_flags_non_finite_tensors():
 
 
 def test_modules_import_without_heavy_dependencies():
-    code = ("import sys, sadtalker_rt.parity, sadtalker_rt.export.mixed_precision; "
+    code = ("import sys, sadtalker_rt.parity, sadtalker_rt.build.export.mixed_precision; "
             "print(sorted(m for m in ('torch', 'onnx', 'onnxruntime') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -9,15 +9,15 @@ import textwrap
 import numpy as np
 import pytest
 
-from sadtalker_rt.checkpoints import WeightSource
+from sadtalker_rt.models.checkpoints import WeightSource
 from sadtalker_rt.errors import WeightsError
-from sadtalker_rt.pipeline import Options, TalkingHead
+from sadtalker_rt.runtime.pipeline import Options, TalkingHead
 from sadtalker_rt.stages import STAGES
 
 
 @pytest.fixture(scope="module")
 def fp32_graphs(tmp_path_factory):
-    from sadtalker_rt.export.onnx_export import export_graphs
+    from sadtalker_rt.build.export.onnx_export import export_graphs
 
     out = tmp_path_factory.mktemp("graphs-fp32")
     export_graphs(WeightSource(synthetic_seed=0), 256, out, precision="fp32")
@@ -69,7 +69,7 @@ def test_onnxruntime_path_never_imports_torch(fp32_graphs, assets_dir):
     script = textwrap.dedent(f"""
         import sys
         import numpy as np
-        from sadtalker_rt.pipeline import TalkingHead
+        from sadtalker_rt.runtime.pipeline import TalkingHead
         head = TalkingHead.from_engines({str(fp32_graphs)!r}, backend="onnxruntime")
         avatar = head.prepare_avatar({str(assets_dir / "happy.png")!r}, "crop")
         frames = list(head.generate(avatar, np.zeros(2 * 640, np.float32)))
@@ -106,7 +106,7 @@ def test_foreign_directory_is_refused(tmp_path):
 def test_fp16_renderer_reaches_40_db_on_example_photos(tmp_path, assets_dir):
     """The FP16 graph with its FP32 islands, FP16 storage emulated, against float32 PyTorch."""
     from sadtalker_rt.cli import _source_image
-    from sadtalker_rt.export.onnx_export import export_graphs
+    from sadtalker_rt.build.export.onnx_export import export_graphs
 
     for photo in ("happy.png", "art_0.png"):
         manifest = export_graphs(WeightSource(synthetic_seed=0), 256, tmp_path / photo, precision="fp16",

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from sadtalker_rt import media
-from sadtalker_rt.checkpoints import WeightSource
+from sadtalker_rt.models.checkpoints import WeightSource
 from sadtalker_rt.cli import main
-from sadtalker_rt.pipeline import FPS, Options, TalkingHead
+from sadtalker_rt.runtime.pipeline import FPS, Options, TalkingHead
 
 PHOTOS = ("happy.png", "art_0.png", "full_body_1.png")
 
@@ -65,7 +65,7 @@ def test_coefficients_match_reference_stages(head, crop_avatar):
     """The pipeline's expression equals ExpNet run directly on the official layout (1, T, ...)."""
     import torch
 
-    from sadtalker_rt.coeffs import smooth_pose
+    from sadtalker_rt.runtime.coeffs import smooth_pose
 
     wav = media.load_audio(media.demo_audio())
     motion = head.motion(crop_avatar, wav, Options(seed=1))
@@ -86,14 +86,14 @@ def test_coefficients_match_reference_stages(head, crop_avatar):
 
 
 def head_blinks(frames: int, seed: int) -> np.ndarray:
-    from sadtalker_rt.coeffs import blink_sequence
+    from sadtalker_rt.runtime.coeffs import blink_sequence
 
     return blink_sequence(frames, np.random.default_rng(seed)).astype(np.float32)[None]
 
 
 def pose_noise(frames: int, chunks: int, seed: int) -> np.ndarray:
     """The pipeline draws the blinks first, then one latent per pose chunk, from one generator."""
-    from sadtalker_rt.coeffs import blink_sequence
+    from sadtalker_rt.runtime.coeffs import blink_sequence
 
     rng = np.random.default_rng(seed)
     blink_sequence(frames, rng)

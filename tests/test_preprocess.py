@@ -7,7 +7,9 @@ import cv2
 import numpy as np
 import pytest
 
-from sadtalker_rt import landmarks, media, preprocess
+from sadtalker_rt import media
+from sadtalker_rt.runtime import landmarks
+from sadtalker_rt.runtime import preprocess
 from sadtalker_rt.errors import InputError, UsageError, WeightsError
 
 PREPROCESS_STAGES = {"crop_geometry", "first_frame_coeffs", "face3d_recon"}

@@ -15,7 +15,7 @@ from sadtalker_rt.conformance import run_directory  # noqa: E402
 from sadtalker_rt.errors import WeightsError  # noqa: E402
 from sadtalker_rt.models import generator, kp_detector, mapping  # noqa: E402
 from sadtalker_rt.models.ops import grid_sample_3d, grid_sample_3d_decomposed, use_decomposed_grid_sample  # noqa: E402
-from sadtalker_rt.synthetic import synthetic_state_dict  # noqa: E402
+from sadtalker_rt.models.synthetic import synthetic_state_dict  # noqa: E402
 
 RENDER_STAGES = ["kp_detector", "generator", "mapping", "mapping_full", "keypoint_transformation", "animation"]
 

@@ -35,16 +35,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from sadtalker_rt import audio as audio_features
+from sadtalker_rt.runtime import audio_features
 from sadtalker_rt import media
-from sadtalker_rt.backends import check_feeds
-from sadtalker_rt.checkpoints import SUBNETWORKS, WeightSource, official_template, safetensors_name
+from sadtalker_rt.runtime.backends import check_feeds
+from sadtalker_rt.models.checkpoints import SUBNETWORKS, WeightSource, official_template, safetensors_name
 from sadtalker_rt.cli import main
-from sadtalker_rt.coeffs import POSE_SEQ_LEN, pose_chunks, semantic_windows
-from sadtalker_rt.compose import Compositor
-from sadtalker_rt.engines.scheduler import FramePipeline, SerialExecutor
+from sadtalker_rt.runtime.coeffs import POSE_SEQ_LEN, pose_chunks, semantic_windows
+from sadtalker_rt.runtime.compose import Compositor
+from sadtalker_rt.runtime.scheduler import FramePipeline, SerialExecutor
 from sadtalker_rt.errors import InputError, WeightsError
-from sadtalker_rt.pipeline import FPS, SAMPLE_RATE, Avatar, Options, TalkingHead
+from sadtalker_rt.runtime.pipeline import FPS, SAMPLE_RATE, Avatar, Options, TalkingHead
 from sadtalker_rt.stages import STAGES
 
 SAMPLES_PER_FRAME = SAMPLE_RATE // FPS
@@ -298,7 +298,7 @@ def _photo(assets_dir: Path) -> np.ndarray:
 
 
 def _face_box(assets_dir: Path):
-    from sadtalker_rt import landmarks
+    from sadtalker_rt.runtime import landmarks
 
     return landmarks.detect(_photo(assets_dir)).box
 
@@ -502,7 +502,7 @@ def _small_safetensors(path: Path, prefix: str = "face_3drecon.") -> None:
 def _write_mapping(path: Path, coeff_nc: int) -> None:
     import torch
 
-    from sadtalker_rt.synthetic import synthetic_state_dict
+    from sadtalker_rt.models.synthetic import synthetic_state_dict
 
     template = official_template("mapping" if coeff_nc == 70 else "mapping_full")
     torch.save({"mapping": {k: torch.from_numpy(v) for k, v in synthetic_state_dict(template, 0).items()}}, path)
@@ -617,7 +617,7 @@ def _tiny_graph(path: Path, inputs: dict[str, list[int]], output: str, out_shape
 
 def _graph_dir(directory: Path, size: int = 256, graph_size: int | None = None, **manifest_fields) -> Path:
     """A manifest with face3d_recon and kp_detector graphs (tiny stand-ins of the right names and shapes)."""
-    from sadtalker_rt.backends.manifest import FORMAT
+    from sadtalker_rt.runtime.manifest import FORMAT
 
     directory.mkdir()
     side = graph_size or size
@@ -987,8 +987,8 @@ HOUR_SCRIPT = textwrap.dedent("""
             if line.startswith(key + ":"):
                 return int(line.split()[1])
 
-    from sadtalker_rt.checkpoints import WeightSource
-    from sadtalker_rt.pipeline import SAMPLE_RATE, TalkingHead
+    from sadtalker_rt.models.checkpoints import WeightSource
+    from sadtalker_rt.runtime.pipeline import SAMPLE_RATE, TalkingHead
     head = TalkingHead.from_weights(WeightSource(synthetic_seed=0))
     avatar = head.prepare_avatar(sys.argv[1], "crop")
     head.motion(avatar, np.zeros(3 * 640, np.float32))                 # the audio stages are built

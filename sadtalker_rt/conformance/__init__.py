@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import InputError
 
-# manifest stage -> sub-network name in sadtalker_rt.checkpoints.SUBNETWORKS
+# manifest stage -> sub-network name in sadtalker_rt.models.checkpoints.SUBNETWORKS
 MANIFEST_SUBNETWORK = {
     "kp_detector": "kp_extractor",
     "generator": "generator",
@@ -73,8 +73,8 @@ class CaseContext:
         return {k: (tuple(shape), dtype) for k, (shape, dtype) in keys.items()}
 
     def module(self, manifest_stage: str, seed: int):
-        from ..checkpoints import build_subnetwork
-        from ..synthetic import synthetic_state_dict
+        from ..models.checkpoints import build_subnetwork
+        from ..models.synthetic import synthetic_state_dict
 
         arrays = synthetic_state_dict(self.template(manifest_stage), int(seed))
         return build_subnetwork(MANIFEST_SUBNETWORK[manifest_stage], arrays, f"synthetic {manifest_stage} (seed {seed})")

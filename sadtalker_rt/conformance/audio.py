@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import audio, coeffs
+from ..runtime import audio_features as audio
+from ..runtime import coeffs
 
 
 def _torch_call(fn, *arrays: np.ndarray) -> np.ndarray:

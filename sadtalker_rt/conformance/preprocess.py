@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import preprocess
+from ..runtime import preprocess
 
 
 def _regress(module, image: np.ndarray) -> np.ndarray:

@@ -15,7 +15,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from ..coeffs import pose_chunks
+from ..runtime.coeffs import pose_chunks
 from ._loading import load_strict, module_template
 from .audio2exp import wav2lip_audio_encoder
 

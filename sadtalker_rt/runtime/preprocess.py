@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from .errors import InputError, UsageError
+from ..errors import InputError, UsageError
 
 CROP_MODES = ("crop", "extcrop", "resize", "full", "extfull")
 ALIGN_SIZE = 512            # the official code always aligns with xsize=512, whatever the render size

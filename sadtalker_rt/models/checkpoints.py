@@ -16,7 +16,7 @@ from typing import Mapping
 
 import numpy as np
 
-from .errors import WeightsError
+from ..errors import WeightsError
 
 
 @dataclass(frozen=True)

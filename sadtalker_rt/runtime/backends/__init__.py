@@ -12,8 +12,8 @@ from typing import Protocol
 
 import numpy as np
 
-from ..errors import UsageError
-from ..stages import STAGES, Stage
+from ...errors import UsageError
+from ...stages import STAGES, Stage
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .. import __version__
-from ..backends.manifest import sha256_of
+from .manifest import sha256_of
 from ..errors import UsageError, WeightsError
 from ..stages import BATCH, FRAMES, Stage
 

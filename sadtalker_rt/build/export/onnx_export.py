@@ -18,10 +18,10 @@ from typing import Callable
 
 import numpy as np
 
-from .. import __version__
-from ..backends.manifest import FORMAT, MANIFEST, sha256_of
-from ..errors import SadTalkerError, UsageError
-from ..stages import BATCH, FRAMES, STAGES, Stage
+from ... import __version__
+from ...runtime.manifest import FORMAT, MANIFEST, sha256_of
+from ...errors import SadTalkerError, UsageError
+from ...stages import BATCH, FRAMES, STAGES, Stage
 
 OPSET = 20                      # the first opset whose GridSample takes 5-D input
 EXPORT_ORDER = ("face3d_recon", "kp_detector", "source_encoder", "mapping", "mapping_full", "renderer",
@@ -98,7 +98,7 @@ def run_torch(module, stage: Stage, feeds: dict[str, np.ndarray]) -> dict[str, n
 def trace_to_onnx(module, stage: Stage, feeds: dict[str, np.ndarray], grid_sample: str) -> bytes:
     import torch
 
-    from ..models.ops import use_decomposed_grid_sample
+    from ...models.ops import use_decomposed_grid_sample
 
     dynamic = {t.name: t.dynamic_axes() for t in stage.inputs + stage.outputs if t.dynamic_axes()}
     buffer = io.BytesIO()
@@ -135,7 +135,7 @@ def run_onnx(model_bytes: bytes, stage: Stage, feeds: dict[str, np.ndarray],
 
 def parity_rows(stage: Stage, label: str, ours: dict, ref: dict, precision: str) -> tuple[list, list]:
     """One row per output with its error statistics, and the failures among them."""
-    from ..parity import compare
+    from ...parity import compare
 
     rtol = stage.rtol_fp32 if precision == "fp32" else FP16_MAX_REL
     rows, failures = [], []
@@ -237,7 +237,7 @@ def export_graphs(weights, size: int, out_dir: Path, precision: str = "fp32", gr
     """
     import torch
 
-    from ..models.stage_modules import stage_module
+    from ...models.stage_modules import stage_module
 
     if precision not in ("fp32", "fp16"):
         raise UsageError(f"--precision must be fp32 or fp16, not '{precision}'.")

@@ -16,7 +16,7 @@ from typing import Union
 
 import numpy as np
 
-from .errors import EnvironmentProblem, InputError, OutputError
+from ..errors import EnvironmentProblem, InputError, OutputError
 
 PathLike = Union[str, os.PathLike]
 
@@ -25,7 +25,7 @@ MAX_IMAGE_PIXELS = 100_000_000
 VIDEO_FPS = 25
 AUDIO_RATE = 16000
 
-_ASSETS = Path(__file__).resolve().parent / "assets"
+_ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
 
 def demo_image() -> Path:

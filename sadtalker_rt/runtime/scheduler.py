@@ -12,7 +12,7 @@ that say the previous reader of its slot is done:
     host        frames of k       after copy(k) completes; host slot k % slots is rewritten at k + slots
 
 The scheduler only sees an ``Executor``: ``SerialExecutor`` runs any backend's runners at once (events
-are no-ops), ``sadtalker_rt.backends.tensorrt_backend.CudaExecutor`` issues the same calls to CUDA.
+are no-ops), ``sadtalker_rt.runtime.backends.tensorrt_backend.CudaExecutor`` issues the same calls to CUDA.
 Pure Python and numpy.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The Python API: load models once, prepare an avatar once, generate frames from any audio.
 
-    from sadtalker_rt import pipeline
+    from sadtalker_rt.runtime import pipeline
     head = pipeline.TalkingHead.from_weights(WeightSource(synthetic_seed=0))
     avatar = head.prepare_avatar("photo.png", preprocess="crop")
     for frame in head.generate(avatar, "speech.wav"):
@@ -18,8 +18,8 @@ from typing import Callable, Iterator, Optional, Union
 
 import numpy as np
 
-from .errors import InputError, UsageError
-from .stages import PREPROCESS_MODES, mapping_stage
+from ..errors import InputError, UsageError
+from ..stages import PREPROCESS_MODES, mapping_stage
 
 FPS = 25
 SAMPLE_RATE = 16000
@@ -130,7 +130,9 @@ class TalkingHead:
     # -- once per photo -------------------------------------------------------------------------
     def prepare_avatar(self, image: ImageLike, preprocess: str = "crop", name: Optional[str] = None) -> Avatar:
         """``name`` says which file an array came from, for messages."""
-        from . import landmarks, media, preprocess as prep
+        from .. import media
+        from . import landmarks
+        from . import preprocess as prep
 
         if preprocess not in PREPROCESS_MODES:
             raise UsageError(f"--preprocess must be one of {', '.join(PREPROCESS_MODES)}, not '{preprocess}'.")
@@ -171,7 +173,9 @@ class TalkingHead:
     # -- once per utterance ---------------------------------------------------------------------
     def motion(self, avatar: Avatar, audio: AudioLike, options: Options = Options(),
                progress: Progress = _noop, name: Optional[str] = None) -> Motion:
-        from . import audio as audio_features, coeffs, media
+        from .. import media
+        from . import audio_features
+        from . import coeffs
 
         options.validate()
         wav = media.load_audio(audio, SAMPLE_RATE) if not isinstance(audio, np.ndarray) else audio.astype(np.float32)
@@ -220,7 +224,7 @@ class TalkingHead:
                progress: Progress = _noop) -> Iterator[Frame]:
         from .coeffs import target_windows
         from .compose import Compositor
-        from .engines.scheduler import FramePipeline
+        from .scheduler import FramePipeline
 
         targets = target_windows(motion.coeffs.astype(np.float32), avatar.source_coeffs, full="full" in avatar.preprocess,
                                  still=options.still, expression_scale=options.expression_scale)
@@ -236,7 +240,7 @@ class TalkingHead:
 
     def _executor(self):
         """CUDA streams where the backend has them (TensorRT), else stage calls in order."""
-        from .engines.scheduler import SerialExecutor
+        from .scheduler import SerialExecutor
 
         make_executor = getattr(self.backend, "executor", None)
         return make_executor() if make_executor else SerialExecutor(self.backend.runner)
@@ -247,7 +251,7 @@ class TalkingHead:
 
     def write_video(self, avatar: Avatar, audio: AudioLike, output: Union[str, Path], options: Options = Options(),
                     overwrite: bool = False, progress: Progress = _noop, audio_name: Optional[str] = None) -> Path:
-        from .media import VideoWriter
+        from ..media import VideoWriter
 
         motion = self.motion(avatar, audio, options, progress, name=audio_name)
         width, height = avatar.output_size

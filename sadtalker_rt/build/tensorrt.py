@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Callable
 
 from .. import __version__
-from ..backends.manifest import MANIFEST, load_manifest, sha256_of, verified_path
+from ..runtime.manifest import MANIFEST, load_manifest, sha256_of, verified_path
 from ..errors import UsageError, WeightsError
 from ..stages import STAGES
-from .gpu import Cuda, import_tensorrt, platform_fields
-from .plan import (ENGINES_JSON, FORMAT, EngineKey, ProfileShapes, check_grid_sample, engine_action, engine_record,
-                   load_engines_record, profile_shapes, write_atomic)
+from ..runtime.cuda import Cuda, import_tensorrt, platform_fields
+from ..runtime.engine_plan import (ENGINES_JSON, FORMAT, EngineKey, ProfileShapes, check_grid_sample, engine_action,
+                                   engine_record, load_engines_record, profile_shapes, write_atomic)
 
 TIMING_CACHE = "timing.cache"
 Progress = Callable[[str, int, int], None]

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import EnvironmentProblem, WeightsError
-from ..stages import STAGES
+from ...errors import EnvironmentProblem, WeightsError
+from ...stages import STAGES
 from . import check_feeds
-from .manifest import load_manifest, verified_path
+from ..manifest import load_manifest, verified_path
 
 
 def _providers(device: str) -> list[str]:

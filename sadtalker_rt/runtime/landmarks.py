@@ -15,7 +15,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .errors import EnvironmentProblem, InputError
+from ..errors import EnvironmentProblem, InputError
 
 PREDICTOR_FILE = "shape_predictor_68_face_landmarks.dat"
 UPSAMPLE_MAX_SIDE = 1280    # images up to this side are searched once upsampled 2x (finds faces down to ~40 px)

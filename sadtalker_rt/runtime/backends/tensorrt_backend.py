@@ -15,10 +15,10 @@ from typing import Callable
 
 import numpy as np
 
-from ..engines.gpu import Cuda, DeviceTensor, import_tensorrt, platform_fields
-from ..engines.plan import check_engine, engine_action, load_engines_record, refusal, shape_problem
-from ..errors import UsageError, WeightsError
-from ..stages import STAGES, Stage
+from ..cuda import Cuda, DeviceTensor, import_tensorrt, platform_fields
+from ..engine_plan import check_engine, engine_action, load_engines_record, refusal, shape_problem
+from ...errors import UsageError, WeightsError
+from ...stages import STAGES, Stage
 from . import check_feeds
 
 _WARMED = "warmed"      # a binding that ran once uncaptured: TensorRT finishes lazy set-up on a first run

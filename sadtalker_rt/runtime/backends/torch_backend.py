@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..stages import STAGES, Stage
+from ...stages import STAGES, Stage
 from . import check_feeds
 
 
@@ -88,7 +88,7 @@ class TorchBackend:
     def __init__(self, weights, size: int = 256, device: str = "cpu", precision: str = "fp32",
                  cuda_graphs: bool = False):
         if precision == "fp16" and device == "cpu":
-            from ..errors import UsageError
+            from ...errors import UsageError
 
             raise UsageError("--precision fp16 with the torch backend needs --device cuda.")
         self.precision = precision
@@ -106,7 +106,7 @@ class TorchBackend:
 
     def runner(self, stage: str) -> TorchRunner:
         if stage not in self._runners:
-            from ..models.stage_modules import stage_module
+            from ...models.stage_modules import stage_module
 
             module = stage_module(stage, self.subnetwork)
             self._runners[stage] = TorchRunner(STAGES[stage], module, self.device, self.precision,
