@@ -42,12 +42,10 @@ import numpy as np
 
 from . import __version__
 from .errors import SadTalkerError, UsageError
-from .stages import BATCH, FRAMES, STAGES, mapping_stage
+from .stages import BATCH, FPS, FRAMES, ORDER, POSE_CHUNK, SAMPLE_RATE, SAMPLES_PER_FRAME, STAGES, mapping_stage
 
 SCHEMA_VERSION = 1
-FPS = 25                                  # the pipeline's video frame rate
 OFFICIAL_BATCH = 2                        # frames per generator call in the official loop
-POSE_CHUNK = 32                           # frames the audio2pose stage produces per call
 MIB = 1024.0 * 1024.0
 
 RUNTIMES = ("torch", "onnxruntime", "tensorrt")
@@ -291,7 +289,7 @@ class CallLog:
 
     def keep(self, stage: str, feeds: dict, outputs: dict) -> None:
         self.first.setdefault((self.phase, stage), (dict(feeds), dict(outputs)))
-        if stage in ("renderer", "mapping", "mapping_full"):
+        if STAGES[stage].rate == "frame":
             for name, value in list(feeds.items()) + list(outputs.items()):
                 if name in ("kp_driving", "frames", "semantics", "kp"):
                     self.series.setdefault((self.phase, stage, name), []).append(np.asarray(value))
@@ -525,7 +523,8 @@ def open_torch_fp16(ctx: BenchContext) -> Opened:
 def _graphs(ctx: BenchContext, precision: str) -> tuple[Path, list[str]]:
     """Exported graphs of one precision: reused from --engines-dir when they match, else exported."""
     from .runtime.manifest import load_manifest, verified_path
-    from .build.export.onnx_export import EXPORT_ORDER, ExportValidationError, export_graphs
+    from .build.export.onnx_export import ExportValidationError, export_graphs
+    from .stages import ORDER
 
     weights, size = ctx.config.weights, ctx.config.size
     if ctx.config.engines_dir is not None:
@@ -536,7 +535,7 @@ def _graphs(ctx: BenchContext, precision: str) -> tuple[Path, list[str]]:
         manifest = load_manifest(directory)
         if (manifest.get("size") == size and manifest.get("precision") == precision
                 and manifest.get("weights", {}).get("identity") == weights.identity()):
-            for stage in EXPORT_ORDER:
+            for stage in ORDER:
                 verified_path(directory, manifest, stage)
             return directory, [f"reused the {precision} graphs in {directory.name}"]
     except SadTalkerError:
@@ -859,7 +858,7 @@ class BackendBench:
         head = TalkingHead(self.instrumented, self.config.size)
         with self.instrumented.phase("warmup"):
             avatar = head.prepare_avatar(image, self.config.preprocess)
-            list(head.generate(avatar, wav[: OFFICIAL_BATCH * 16000 // FPS + 1],
+            list(head.generate(avatar, wav[: OFFICIAL_BATCH * SAMPLES_PER_FRAME + 1],
                                Options(batch_size=OFFICIAL_BATCH, seed=0)))
 
     def end_to_end(self, image, wav: np.ndarray, batch: int) -> tuple[dict, object]:
@@ -889,7 +888,7 @@ class BackendBench:
             stage_calls[c.stage] = stage_calls.get(c.stage, 0) + 1
         share = {s: v / wall for s, v in stage_seconds.items()}
         share["other"] = max(0.0, 1.0 - sum(share.values()))
-        audio_s = len(wav) / 16000.0
+        audio_s = len(wav) / SAMPLE_RATE
         e2e = {
             "batch": batch, "frames": count, "audio_seconds": audio_s, "prepare_avatar_s": prepare_s,
             "wall_s": wall, "wall_per_audio_second_s": wall / audio_s, "realtime_factor": audio_s / wall,
@@ -997,12 +996,12 @@ def run_bench(config: BenchConfig, progress: Callable[[str, int, int], None] | N
     names = expand_backends(config.backends, known) if config.backends else default_backends(device, config.engines_dir)
     image = Path(config.image) if config.image is not None else media.demo_image()
     audio = Path(config.audio) if config.audio is not None else media.demo_audio()
-    wav = media.load_audio(audio)[: int(round(config.frames / FPS * 16000))]
-    if len(wav) < 16000 // FPS:
+    wav = media.load_audio(audio)[: config.frames * SAMPLES_PER_FRAME]
+    if len(wav) < SAMPLES_PER_FRAME:
         raise UsageError(f"{audio} is shorter than one video frame.")
-    wav = wav[: (len(wav) * FPS // 16000) * 16000 // FPS]
-    stages = ("face3d_recon", "kp_detector", "source_encoder", mapping_stage(config.preprocess), "renderer",
-              "audio2exp", "audio2pose")
+    wav = wav[: len(wav) // SAMPLES_PER_FRAME * SAMPLES_PER_FRAME]
+    unused = {"mapping", "mapping_full"} - {mapping_stage(config.preprocess)}
+    stages = tuple(s for s in ORDER if s not in unused)
     memory = MemoryProbe()
     load_at_start = _load_average()
     with tempfile.TemporaryDirectory(prefix="sadtalker-rt-bench-") as tmp:
@@ -1025,7 +1024,7 @@ def run_bench(config: BenchConfig, progress: Callable[[str, int, int], None] | N
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "environment": environment(device, load_at_start),
         "config": {
-            "size": config.size, "frames": int(reference.frames.shape[0]), "audio_seconds": len(wav) / 16000.0,
+            "size": config.size, "frames": int(reference.frames.shape[0]), "audio_seconds": len(wav) / SAMPLE_RATE,
             "fps": FPS, "preprocess": config.preprocess, "device": device, "batch_sizes": list(config.batch_sizes),
             "end_to_end_batch": config.e2e_batch, "official_batch": OFFICIAL_BATCH, "warmup": config.warmup,
             "repeats": config.repeats, "backends_requested": list(names),

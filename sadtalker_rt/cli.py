@@ -12,10 +12,10 @@ from typing import Optional
 import typer
 
 from .errors import SadTalkerError, UsageError
+from .stages import RENDER_SIZES
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Export, optimize and run SadTalker talking-head generation.")
-_state = {"debug": False}
 
 SYNTHETIC_HELP = "use synthetic weights (optionally from SEED, default 0) instead of official checkpoints"
 CHECKPOINTS_HELP = "directory with the official SadTalker checkpoints"
@@ -23,7 +23,7 @@ CHECKPOINTS_HELP = "directory with the official SadTalker checkpoints"
 
 @app.callback()
 def _main(debug: bool = typer.Option(False, "--debug", help="show tracebacks")) -> None:
-    _state["debug"] = debug
+    """``--debug`` is read by ``main`` before typer parses; declared here for --help."""
 
 
 def weight_source(checkpoints: Optional[Path], synthetic_weights: Optional[int], size: int, old_version: bool = False):
@@ -33,8 +33,8 @@ def weight_source(checkpoints: Optional[Path], synthetic_weights: Optional[int],
         raise UsageError("give either --checkpoints DIR (official weights) or --synthetic-weights [SEED].")
     if checkpoints is not None and not checkpoints.is_dir():
         raise UsageError(f"--checkpoints {checkpoints} is not a directory.")
-    if size not in (256, 512):
-        raise UsageError(f"--size must be 256 or 512, not {size}.")
+    if size not in RENDER_SIZES:
+        raise UsageError(f"--size must be {' or '.join(map(str, RENDER_SIZES))}, not {size}.")
     return WeightSource(checkpoints, synthetic_weights, size=size, old_version=old_version)
 
 
@@ -152,14 +152,15 @@ def export(
     quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
 ) -> None:
     """Export one ONNX graph per stage, validated against PyTorch, with a manifest."""
-    from .build.export.onnx_export import EXPORT_ORDER, export_graphs
+    from .build.export.onnx_export import export_graphs
+    from .stages import ORDER
     from .progress import StageBars
 
     weights = weight_source(checkpoints, synthetic_weights, size, old_version)
     source = _source_image(image, size)
     bars = StageBars(None if not quiet else False)
     manifest = export_graphs(weights, size, output, precision=precision, grid_sample=grid_sample,
-                             stages=tuple(stage) if stage else EXPORT_ORDER, source_image=source, progress=bars)
+                             stages=tuple(stage) if stage else ORDER, source_image=source, progress=bars)
     bars.close()
     for name, entry in manifest["stages"].items():
         worst = max((r["max_rel"] for r in entry["parity"]), default=float("nan"))

@@ -1,13 +1,35 @@
-"""The stage table: the one contract that export, engines, runtime and benchmarks read.
+"""The stage table: the one contract that export, engines, runtime, conformance and benchmarks read.
 
 Each stage is a graph with named inputs and outputs. ``rate`` says how often it runs: once per
 avatar (``image``), once per utterance or pose chunk (``audio``), or per rendered frame (``frame``).
 Shapes use ints, ``"S"`` / ``"F"`` for the render size and its quarter, and axis names for
-dynamic axes. Only the stdlib is imported here.
+dynamic axes. An input's ``source`` names the stage output that feeds it (``"stage.output"``); inputs
+without one come from the host glue (audio features, coefficients, photos). ``kind`` says what a
+tensor holds: export draws its example inputs from it, and image outputs are judged by PSNR.
+Only the stdlib is imported here.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+# The official pipeline's clocks and layouts.
+FPS = 25                        # video frames per second
+SAMPLE_RATE = 16000             # mono audio samples per second
+SAMPLES_PER_FRAME = SAMPLE_RATE // FPS
+POSE_CHUNK = 32                 # frames audio2pose decodes per call (the PoseVAE's sequence length)
+SEMANTIC_RADIUS = 13            # the renderer is driven by windows of 2r+1 coefficient frames
+SEMANTIC_WINDOW = 2 * SEMANTIC_RADIUS + 1
+EXPRESSION = slice(0, 64)       # coefficient columns: expression, head pose (angles, translation), crop
+POSE = slice(64, 70)
+CROP = slice(70, 73)
+COEFFS = POSE.stop              # what audio2exp + audio2pose generate per frame
+FULL_COEFFS = CROP.stop         # full modes drive the renderer with the crop parameters too
+POSE_STYLES = 46                # PoseVAE classes
+
+RENDER_SIZES = (256, 512)
+PREPROCESS_MODES = ("crop", "extcrop", "resize", "full", "extfull")
+FULL_MODES = ("full", "extfull")     # paste back into the whole photo; 73 coefficients per frame
+OPSET = 20                      # the first ONNX opset whose GridSample takes 5-D input
 
 BATCH = "batch"      # frames rendered per call
 FRAMES = "frames"    # video frames of an utterance
@@ -18,6 +40,8 @@ class Tensor:
     name: str
     shape: tuple
     dtype: str = "float32"
+    kind: str = "value"         # image | keypoints | semantics | mels | class | value
+    source: str = ""            # "stage.output" that feeds this input; "" for host inputs
 
     def resolve(self, size: int, **axes: int) -> tuple[int, ...]:
         """Concrete shape at render size ``size`` with the given values of the dynamic axes."""
@@ -38,7 +62,6 @@ class Stage:
     fp32_reason: str = ""                   # non-empty: the stage stays FP32 in "fp16" exports, and why
     rtol_fp32: float = 1e-4                 # export validation of FP32 graphs (issue contract)
     profile: tuple[int, int, int] = (1, 1, 1)   # TensorRT min/opt/max of the dynamic axis
-    notes: str = ""
 
     @property
     def dynamic(self) -> bool:
@@ -56,89 +79,99 @@ _MAPPING_FP32 = "head pose and keypoints: FP16 lost head motion in an earlier po
 STAGES: dict[str, Stage] = {
     "face3d_recon": Stage(
         "face3d_recon", "image",
-        inputs=(Tensor("aligned_image", (1, 3, 224, 224)),),
+        # ResNet-50 3DMM regressor on the 5-point aligned 224x224 crop, RGB in [0, 1]
+        inputs=(Tensor("aligned_image", (1, 3, 224, 224), kind="image"),),
         outputs=(Tensor("coeffs", (1, 257)),),
         subnetworks=("face_3drecon",),
         fp32_reason="runs once per photo; its coefficients set the source keypoints of every frame",
-        notes="ResNet-50 3DMM regressor on the 5-point aligned 224x224 crop, RGB in [0, 1]",
     ),
     "kp_detector": Stage(
         "kp_detector", "image",
-        inputs=(Tensor("source_image", (1, 3, "S", "S")),),
-        outputs=(Tensor("kp_canonical", (1, 15, 3)),),
+        inputs=(Tensor("source_image", (1, 3, "S", "S"), kind="image"),),
+        outputs=(Tensor("kp_canonical", (1, 15, 3), kind="keypoints"),),
         subnetworks=("kp_extractor",),
         fp32_reason="softmax and weighted sum over 65k-262k voxels; runs once per avatar, so FP32 is cheap",
     ),
+    # Generator parts that depend only on the source image; the official loop recomputes them per frame.
     "source_encoder": Stage(
         "source_encoder", "image",
-        inputs=(Tensor("source_image", (1, 3, "S", "S")),),
+        inputs=(Tensor("source_image", (1, 3, "S", "S"), kind="image"),),
         outputs=(Tensor("feature_3d", (1, 32, 16, "F", "F")), Tensor("source_compressed", (1, 4, 16, "F", "F"))),
         subnetworks=("generator",),
         fp32_reason="runs once per photo, so FP32 is cheap; its FP16 rounding (~1e-3 relative) would reach every frame",
-        notes="generator parts that depend only on the source image; the official loop recomputes them per frame",
     ),
+    # MappingNet + keypoint transformation; "mapping" for crop, extcrop and resize, "mapping_full" for full modes.
+    # The source keypoints are the mapping of the source's own coefficients (one window, batch 1).
     "mapping": Stage(
         "mapping", "frame",
-        inputs=(Tensor("kp_canonical", (1, 15, 3)), Tensor("semantics", (BATCH, 70, 27))),
-        outputs=(Tensor("kp", (BATCH, 15, 3)),),
+        inputs=(Tensor("kp_canonical", (1, 15, 3), kind="keypoints", source="kp_detector.kp_canonical"),
+                Tensor("semantics", (BATCH, COEFFS, SEMANTIC_WINDOW), kind="semantics")),
+        outputs=(Tensor("kp", (BATCH, 15, 3), kind="keypoints"),),
         subnetworks=("mapping",),
         fp32_reason=_MAPPING_FP32,
         profile=(1, 4, 32),
-        notes="MappingNet (70 coefficients: crop, extcrop, resize) + keypoint transformation",
     ),
     "mapping_full": Stage(
         "mapping_full", "frame",
-        inputs=(Tensor("kp_canonical", (1, 15, 3)), Tensor("semantics", (BATCH, 73, 27))),
-        outputs=(Tensor("kp", (BATCH, 15, 3)),),
+        inputs=(Tensor("kp_canonical", (1, 15, 3), kind="keypoints", source="kp_detector.kp_canonical"),
+                Tensor("semantics", (BATCH, FULL_COEFFS, SEMANTIC_WINDOW), kind="semantics")),
+        outputs=(Tensor("kp", (BATCH, 15, 3), kind="keypoints"),),
         subnetworks=("mapping_full",),
         fp32_reason=_MAPPING_FP32,
         profile=(1, 4, 32),
-        notes="MappingNet (73 coefficients, crop parameters included: full, extfull) + keypoint transformation",
     ),
+    # Dense motion, two 5-D grid samples, occlusion, SPADE decoder: the hot path.
     "renderer": Stage(
         "renderer", "frame",
         inputs=(
-            Tensor("feature_3d", (1, 32, 16, "F", "F")),
-            Tensor("source_compressed", (1, 4, 16, "F", "F")),
-            Tensor("kp_source", (1, 15, 3)),
-            Tensor("kp_driving", (BATCH, 15, 3)),
+            Tensor("feature_3d", (1, 32, 16, "F", "F"), source="source_encoder.feature_3d"),
+            Tensor("source_compressed", (1, 4, 16, "F", "F"), source="source_encoder.source_compressed"),
+            Tensor("kp_source", (1, 15, 3), kind="keypoints", source="mapping.kp"),
+            Tensor("kp_driving", (BATCH, 15, 3), kind="keypoints", source="mapping.kp"),
         ),
-        outputs=(Tensor("frames", (BATCH, 3, "S", "S")),),
+        outputs=(Tensor("frames", (BATCH, 3, "S", "S"), kind="image"),),
         subnetworks=("generator",),
         profile=(1, 4, 8),
-        notes="dense motion, two 5-D grid samples, occlusion, SPADE decoder: the hot path",
     ),
     "audio2exp": Stage(
         "audio2exp", "audio",
-        inputs=(Tensor("indiv_mels", (FRAMES, 1, 80, 16)), Tensor("ref_exp", (FRAMES, 64)), Tensor("blink", (FRAMES, 1))),
+        inputs=(Tensor("indiv_mels", (FRAMES, 1, 80, 16), kind="mels"),
+                Tensor("ref_exp", (FRAMES, EXPRESSION.stop - EXPRESSION.start)), Tensor("blink", (FRAMES, 1))),
         outputs=(Tensor("exp", (FRAMES, 64)),),
         subnetworks=("audio2exp",),
         fp32_reason="~0.1 GFLOP per frame, run once per utterance; FP16 buys nothing",
         profile=(1, 200, 4000),
     ),
+    # PoseVAE decoder for one chunk of POSE_CHUNK frames; the latent noise is an input.
     "audio2pose": Stage(
         "audio2pose", "audio",
         inputs=(
-            Tensor("indiv_mels", (32, 1, 80, 16)),
-            Tensor("ref_pose", (1, 6)),
-            Tensor("pose_style", (1,), "int64"),
+            Tensor("indiv_mels", (POSE_CHUNK, 1, 80, 16), kind="mels"),
+            Tensor("ref_pose", (1, POSE.stop - POSE.start)),
+            Tensor("pose_style", (1,), "int64", kind="class"),
             Tensor("noise", (1, 64)),
         ),
-        outputs=(Tensor("motion", (32, 6)),),
+        outputs=(Tensor("motion", (POSE_CHUNK, POSE.stop - POSE.start)),),
         subnetworks=("audio2pose",),
         fp32_reason="one 32-frame chunk per call; head motion is sensitive and the cost is negligible",
-        notes="PoseVAE decoder for one chunk of 32 frames; the latent noise is an input",
     ),
 }
 
-RENDER_SIZES = (256, 512)
-PREPROCESS_MODES = ("crop", "extcrop", "resize", "full", "extfull")
+ORDER = tuple(STAGES)           # export and report order: per photo, per frame, per utterance
+
+
+def is_full(preprocess: str) -> bool:
+    return preprocess in FULL_MODES
 
 
 def mapping_stage(preprocess: str) -> str:
     """Full modes drive the renderer with 73 coefficients (the crop parameters included), others with 70."""
-    return "mapping_full" if "full" in preprocess else "mapping"
+    return "mapping_full" if is_full(preprocess) else "mapping"
 
 
-def coeff_channels(preprocess: str) -> int:
-    return STAGES[mapping_stage(preprocess)].input("semantics").shape[1]
+def upstream(tensor: Tensor) -> tuple[str, str] | None:
+    """(stage, output) that feeds ``tensor``, or None for a host input."""
+    if not tensor.source:
+        return None
+    stage, _, output = tensor.source.partition(".")
+    return stage, output

@@ -17,7 +17,7 @@ import pytest
 
 from sadtalker_rt.runtime.manifest import FORMAT as ONNX_FORMAT
 from sadtalker_rt.runtime.manifest import MANIFEST
-from sadtalker_rt.engines import plan
+from sadtalker_rt.runtime import engine_plan as plan
 from sadtalker_rt.build.tensorrt import run_builds
 from sadtalker_rt.runtime.engine_plan import EngineKey, cache_key, check_engine, engine_action, profile_shapes
 from sadtalker_rt.runtime.scheduler import FramePipeline, SerialExecutor

@@ -20,7 +20,7 @@ from PIL import Image
 from sadtalker_rt import media
 from sadtalker_rt.errors import InputError, OutputError
 
-RATE = media.AUDIO_RATE
+RATE = media.SAMPLE_RATE
 
 
 # ---------------------------------------------------------------------------------------- helpers

@@ -45,7 +45,7 @@ def test_dlib_landmarks_match_the_recorded_ones(found, conformance_dir):
         assert np.abs(found[name].landmarks - recorded).max() <= 3.0, name
 
 
-@pytest.mark.parametrize("mode", preprocess.CROP_MODES)
+@pytest.mark.parametrize("mode", preprocess.PREPROCESS_MODES)
 def test_every_mode_gives_a_square_frame_and_consistent_crop_info(mode, photos, found):
     for name, image in photos.items():
         height, width = image.shape[:2]

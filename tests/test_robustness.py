@@ -40,7 +40,8 @@ from sadtalker_rt import media
 from sadtalker_rt.runtime.backends import check_feeds
 from sadtalker_rt.models.checkpoints import SUBNETWORKS, WeightSource, official_template, safetensors_name
 from sadtalker_rt.cli import main
-from sadtalker_rt.runtime.coeffs import POSE_SEQ_LEN, pose_chunks, semantic_windows
+from sadtalker_rt.runtime.coeffs import pose_chunks, semantic_windows
+from sadtalker_rt.stages import POSE_CHUNK as POSE_SEQ_LEN
 from sadtalker_rt.runtime.compose import Compositor
 from sadtalker_rt.runtime.scheduler import FramePipeline, SerialExecutor
 from sadtalker_rt.errors import InputError, WeightsError

@@ -31,7 +31,7 @@ MANIFEST_SUBNETWORK = {
 
 RUNNER_GROUPS = ("audio", "render", "preprocess")
 RTOL = 1e-4                     # README: max|ours - ref| <= 1e-4 * max(1, max|ref|)
-IMAGE_OUTPUTS = {"aligned", "face", "ext_face"}   # resampled uint8 images: within 1 grey level
+RESAMPLED_IMAGES = {"aligned", "face", "ext_face"}   # uint8 images of preprocess cases: within 1 grey level
 MASK_THRESHOLD = 1e-3           # the generator zeroes mask values below this after the softmax
 
 
@@ -97,7 +97,7 @@ def compare_output(name: str, ours: np.ndarray, ref: np.ndarray) -> OutputResult
     diff = np.abs(ours.astype(np.float64) - ref.astype(np.float64))
     max_abs = float(diff.max()) if diff.size else 0.0
     scale = max(1.0, float(np.abs(ref).max()) if ref.size else 1.0)
-    if name in IMAGE_OUTPUTS:
+    if name in RESAMPLED_IMAGES:
         return OutputResult(name, max_abs, max_abs / scale, max_abs <= 1.0)
     if np.issubdtype(ref.dtype, np.integer):
         return OutputResult(name, max_abs, max_abs / scale, max_abs == 0)

@@ -5,6 +5,7 @@ import numpy as np
 
 from ..runtime import audio_features as audio
 from ..runtime import coeffs
+from ..stages import SEMANTIC_RADIUS, is_full
 
 
 def _torch_call(fn, *arrays: np.ndarray) -> np.ndarray:
@@ -38,10 +39,10 @@ def run_semantic_windows(inputs: dict, entry: dict, ctx) -> dict:
     config = entry.get("config", {})
     source, target = coeffs.semantic_windows(
         inputs["coeffs"], inputs["source_coeffs"],
-        full="full" in str(config.get("preprocess", "crop")).lower(),
+        full=is_full(str(config.get("preprocess", "crop")).lower()),
         still=bool(config.get("still", False)),
         expression_scale=float(config.get("expression_scale", 1.0)),
-        radius=int(config.get("semantic_radius", coeffs.SEMANTIC_RADIUS)),
+        radius=int(config.get("semantic_radius", SEMANTIC_RADIUS)),
     )
     return {"source_semantics": source, "target_semantics": target}
 

@@ -17,13 +17,12 @@ from typing import Union
 import numpy as np
 
 from ..errors import EnvironmentProblem, InputError, OutputError
+from ..stages import FPS, SAMPLE_RATE
 
 PathLike = Union[str, os.PathLike]
 
 MIN_IMAGE_SIDE = 64
 MAX_IMAGE_PIXELS = 100_000_000
-VIDEO_FPS = 25
-AUDIO_RATE = 16000
 
 _ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
@@ -50,14 +49,6 @@ def _require_readable_file(path: Path, kind: str) -> None:
         raise InputError(f"{kind} file '{path}' cannot be read (permission denied).")
     if path.stat().st_size == 0:
         raise InputError(f"{kind} file '{path}' is empty (0 bytes).")
-
-
-def check_input_file(path: PathLike, kind: str) -> None:
-    """InputError unless ``path`` is a readable, non-empty regular file; ``kind`` is "Image", "Audio", ...
-
-    Cheap: callers run it before loading any model, so a mistyped name fails at once.
-    """
-    _require_readable_file(Path(path), kind)
 
 
 def check_output_path(path: PathLike, overwrite: bool = False) -> None:
@@ -179,7 +170,7 @@ def _high_depth_grey_to_uint8(values: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------- audio
 
 
-def load_audio(path: PathLike, sample_rate: int = AUDIO_RATE) -> np.ndarray:
+def load_audio(path: PathLike, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """Read speech as mono float32 at ``sample_rate``: channels averaged, resampled with soxr (HQ)."""
     path = Path(path)
     _require_readable_file(path, "Audio")
@@ -261,7 +252,7 @@ def _decode_audio_stream(container, stream) -> tuple[np.ndarray, int]:
     for converted in to_planar_float.resample(None):
         chunks.append(converted.to_ndarray())
     if not chunks:
-        return np.zeros((0, 1), np.float32), rate or stream.rate or AUDIO_RATE
+        return np.zeros((0, 1), np.float32), rate or stream.rate or SAMPLE_RATE
     return np.concatenate(chunks, axis=1).T.astype(np.float32, copy=False), rate
 
 
@@ -299,8 +290,8 @@ class VideoWriter:
         height: int | None = None,
         *,
         audio: np.ndarray | None = None,
-        fps: int = VIDEO_FPS,
-        sample_rate: int = AUDIO_RATE,
+        fps: int = FPS,
+        sample_rate: int = SAMPLE_RATE,
         crf: int = 18,
         preset: str = "medium",
         overwrite: bool = False,

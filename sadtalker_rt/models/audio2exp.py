@@ -12,10 +12,11 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from ..stages import EXPRESSION
 from ._loading import load_strict, module_template
 
 AUDIO_EMB = 512
-EXP_DIMS = 64
+EXP_DIMS = EXPRESSION.stop - EXPRESSION.start
 
 
 class ConvBlock(nn.Module):

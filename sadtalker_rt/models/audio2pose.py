@@ -16,15 +16,14 @@ import torch
 from torch import nn
 
 from ..runtime.coeffs import pose_chunks
+from ..stages import POSE, POSE_CHUNK, POSE_STYLES
 from ._loading import load_strict, module_template
 from .audio2exp import wav2lip_audio_encoder
 
-SEQ_LEN = 32
 LATENT = 64
 AUDIO_EMB_IN = 512
 AUDIO_EMB_OUT = 6
-POSE_DIMS = 6
-NUM_CLASSES = 46
+POSE_DIMS = POSE.stop - POSE.start
 DECODER_SIZES = (128, 192)
 ENCODER_SIZES = (192, 128)
 TRAINING_ONLY_PREFIXES = ("netG.encoder.", "netD_motion.")
@@ -108,20 +107,20 @@ class PoseDecoder(nn.Module):
         super().__init__()
         self.resunet = ResUnet()
         self.MLP = nn.Sequential()
-        self.MLP.add_module("L0", nn.Linear(POSE_DIMS + LATENT + SEQ_LEN * AUDIO_EMB_OUT, DECODER_SIZES[0]))
+        self.MLP.add_module("L0", nn.Linear(POSE_DIMS + LATENT + POSE_CHUNK * AUDIO_EMB_OUT, DECODER_SIZES[0]))
         self.MLP.add_module("A0", nn.ReLU())
         self.MLP.add_module("L1", nn.Linear(DECODER_SIZES[0], DECODER_SIZES[1]))
         self.MLP.add_module("sigmoid", nn.Sigmoid())
         self.pose_linear = nn.Linear(POSE_DIMS, POSE_DIMS)
         self.linear_audio = nn.Linear(AUDIO_EMB_IN, AUDIO_EMB_OUT)
-        self.classbias = nn.Parameter(torch.zeros(NUM_CLASSES, LATENT))
+        self.classbias = nn.Parameter(torch.zeros(POSE_STYLES, LATENT))
 
     def forward(self, audio_emb: torch.Tensor, ref_pose: torch.Tensor, class_id: torch.Tensor,
                 z: torch.Tensor) -> torch.Tensor:
         B = z.shape[0]
-        audio = self.linear_audio(audio_emb).reshape(B, SEQ_LEN * AUDIO_EMB_OUT)
+        audio = self.linear_audio(audio_emb).reshape(B, POSE_CHUNK * AUDIO_EMB_OUT)
         z = z + self.classbias[class_id]
-        hidden = self.MLP(torch.cat([ref_pose, z, audio], dim=-1)).reshape(B, 1, SEQ_LEN, POSE_DIMS)
+        hidden = self.MLP(torch.cat([ref_pose, z, audio], dim=-1)).reshape(B, 1, POSE_CHUNK, POSE_DIMS)
         return self.pose_linear(self.resunet(hidden).squeeze(1))
 
 
@@ -135,13 +134,13 @@ class PoseEncoder(nn.Module):
         super().__init__()
         self.resunet = ResUnet()
         self.MLP = nn.Sequential()
-        in_size = ENCODER_SIZES[0] + LATENT + SEQ_LEN * AUDIO_EMB_OUT + POSE_DIMS
+        in_size = ENCODER_SIZES[0] + LATENT + POSE_CHUNK * AUDIO_EMB_OUT + POSE_DIMS
         self.MLP.add_module("L0", nn.Linear(in_size, ENCODER_SIZES[1]))
         self.MLP.add_module("A0", nn.ReLU())
         self.linear_means = nn.Linear(ENCODER_SIZES[1], LATENT)
         self.linear_logvar = nn.Linear(ENCODER_SIZES[1], LATENT)
         self.linear_audio = nn.Linear(AUDIO_EMB_IN, AUDIO_EMB_OUT)
-        self.classbias = nn.Parameter(torch.zeros(NUM_CLASSES, LATENT))
+        self.classbias = nn.Parameter(torch.zeros(POSE_STYLES, LATENT))
 
 
 class DiscriminatorLayer(nn.Module):
@@ -198,10 +197,10 @@ class Audio2Pose(nn.Module):
         motions = [torch.zeros(1, 1, POSE_DIMS, dtype=ref.dtype, device=ref.device)]
         for k, chunk in enumerate(chunks):
             mels = audio[:, chunk.start:chunk.stop]
-            if mels.shape[1] < SEQ_LEN:
+            if mels.shape[1] < POSE_CHUNK:
                 # Repeating the first mel window repeats its embedding, as the official front padding does.
-                mels = torch.cat([mels[:, :1].expand(-1, SEQ_LEN - mels.shape[1], -1, -1, -1), mels], dim=1)
-            motions.append(self(mels, ref_pose, class_id, noise[:, k])[:, SEQ_LEN - chunk.keep:])
+                mels = torch.cat([mels[:, :1].expand(-1, POSE_CHUNK - mels.shape[1], -1, -1, -1), mels], dim=1)
+            motions.append(self(mels, ref_pose, class_id, noise[:, k])[:, POSE_CHUNK - chunk.keep:])
         return ref_pose[:, None] + torch.cat(motions, dim=1)
 
 

@@ -185,14 +185,6 @@ def _first_line(err: BaseException) -> str:
     return text[0].strip()[:200] if text else type(err).__name__
 
 
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class WeightSource:
     """Official files in a directory, or synthetic weights from a seed.
 

@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..stages import STAGES
 from .audio2pose import PoseDecoderStage
 from .generator import FrameRenderer, SourceEncoder
 from .mapping import MappingWithTransform
@@ -87,16 +88,20 @@ class Audio2PoseStage(nn.Module):
         return self.decoder(indiv_mels[None], ref_pose, pose_style, noise)[0]
 
 
+STAGE_MODULES = {
+    "face3d_recon": Face3dReconStage,
+    "kp_detector": KPDetectorStage,
+    "source_encoder": SourceEncoderStage,
+    "mapping": MappingStage,
+    "mapping_full": MappingStage,
+    "renderer": RendererStage,
+    "audio2exp": Audio2ExpStage,
+    "audio2pose": Audio2PoseStage,
+}
+
+
 def stage_module(stage: str, subnetwork: Callable[[str], nn.Module]) -> nn.Module:
-    """The eval-mode module of ``stage``; ``subnetwork(name)`` returns a loaded sub-network."""
-    factories = {
-        "face3d_recon": lambda: Face3dReconStage(subnetwork("face_3drecon")),
-        "kp_detector": lambda: KPDetectorStage(subnetwork("kp_extractor")),
-        "source_encoder": lambda: SourceEncoderStage(subnetwork("generator")),
-        "mapping": lambda: MappingStage(subnetwork("mapping")),
-        "mapping_full": lambda: MappingStage(subnetwork("mapping_full")),
-        "renderer": lambda: RendererStage(subnetwork("generator")),
-        "audio2exp": lambda: Audio2ExpStage(subnetwork("audio2exp")),
-        "audio2pose": lambda: Audio2PoseStage(subnetwork("audio2pose")),
-    }
-    return factories[stage]().eval()
+    """The eval-mode module of ``stage``, built on the sub-network the stage table names for it;
+    ``subnetwork(name)`` returns a loaded sub-network."""
+    (weights,) = STAGES[stage].subnetworks
+    return STAGE_MODULES[stage](subnetwork(weights)).eval()

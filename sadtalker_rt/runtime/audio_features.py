@@ -10,9 +10,7 @@ from functools import lru_cache
 
 import numpy as np
 
-SAMPLE_RATE = 16000
-FPS = 25
-SAMPLES_PER_FRAME = SAMPLE_RATE // FPS      # 640
+from ..stages import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME
 N_FFT = 800
 HOP = 200
 N_MELS = 80

@@ -9,14 +9,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..stages import COEFFS, EXPRESSION, FULL_COEFFS, POSE_CHUNK, SEMANTIC_RADIUS
+
 BLINK_PROFILE = np.array([0.5, 0.9, 1.0, 0.9, 0.5], dtype=np.float32)
-POSE_SEQ_LEN = 32                   # Audio2Pose CVAE chunk length (SEQ_LEN)
 SMOOTH_WINDOW = 13
 SMOOTH_ORDER = 2
-SEMANTIC_RADIUS = 13
-EXP_DIMS = 64                       # cols 0:64 expression, 64:70 pose, 70:73 crop (s, tx, ty)
-COEFF_DIMS = 70
-FULL_COEFF_DIMS = 73
 
 
 def blink_sequence(T: int, rng: np.random.Generator) -> np.ndarray:
@@ -59,10 +56,10 @@ def pose_chunks(T: int) -> list[PoseChunk]:
     if T < 1:
         raise ValueError(f"a pose sequence needs at least one frame, got T={T}")
     n = T - 1
-    full, rest = divmod(n, POSE_SEQ_LEN)
-    chunks = [PoseChunk(k * POSE_SEQ_LEN, (k + 1) * POSE_SEQ_LEN, POSE_SEQ_LEN) for k in range(full)]
+    full, rest = divmod(n, POSE_CHUNK)
+    chunks = [PoseChunk(k * POSE_CHUNK, (k + 1) * POSE_CHUNK, POSE_CHUNK) for k in range(full)]
     if rest:
-        chunks.append(PoseChunk(max(0, n - POSE_SEQ_LEN), n, rest))
+        chunks.append(PoseChunk(max(0, n - POSE_CHUNK), n, rest))
     return chunks
 
 
@@ -112,18 +109,18 @@ def semantic_windows(coeffs: np.ndarray, source_coeffs: np.ndarray, *, full: boo
 def _source_and_target(coeffs: np.ndarray, source_coeffs: np.ndarray, *, full: bool, still: bool,
                        expression_scale: float) -> tuple[np.ndarray, np.ndarray]:
     """(1, C) source and (T, C) per-frame target coefficients before windowing."""
-    channels = FULL_COEFF_DIMS if full else COEFF_DIMS
+    channels = FULL_COEFFS if full else COEFFS
     source = np.asarray(source_coeffs).reshape(1, -1)
     if source.shape[1] < channels:
         raise ValueError(f"source coefficients have {source.shape[1]} values; {channels} are needed"
                          + (" in a full preprocess mode" if full else ""))
-    target = np.array(np.asarray(coeffs)[:, :COEFF_DIMS])
+    target = np.array(np.asarray(coeffs)[:, :COEFFS])
     source = source[:, :channels].astype(target.dtype, copy=False)
-    target[:, :EXP_DIMS] = target[:, :EXP_DIMS] * expression_scale
+    target[:, EXPRESSION] = target[:, EXPRESSION] * expression_scale
     if full:
-        target = np.concatenate([target, np.repeat(source[:, COEFF_DIMS:], len(target), axis=0)], axis=1)
+        target = np.concatenate([target, np.repeat(source[:, COEFFS:], len(target), axis=0)], axis=1)
     if still:
-        target[:, EXP_DIMS:] = source[:, EXP_DIMS:]
+        target[:, EXPRESSION.stop:] = source[:, EXPRESSION.stop:]
     return source, target
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from ..stages import is_full
+
 
 def feather_mask(width: int, height: int, margin: int) -> np.ndarray:
     """(H, W, 1) float32 alpha: 1 inside, a smooth ramp to 0 over ``margin`` pixels at every edge."""
@@ -23,7 +25,7 @@ class Compositor:
         self.mode = avatar.preprocess
         self.size = avatar.size
         self.output_size = avatar.output_size
-        if "full" not in self.mode:
+        if not is_full(self.mode):
             return
         info = avatar.crop_info
         photo = avatar.original
@@ -45,7 +47,7 @@ class Compositor:
         self.paste_size = (bw, bh)
 
     def __call__(self, frame: np.ndarray) -> np.ndarray:
-        if "full" in self.mode:
+        if is_full(self.mode):
             patch = cv2.resize(frame, self.paste_size, interpolation=cv2.INTER_LINEAR)[self.inner].astype(np.float32)
             x1, y1, x2, y2 = self.clip
             region = self.background[y1:y2, x1:x2]

@@ -1,5 +1,6 @@
 """The Python API: load models once, prepare an avatar once, generate frames from any audio.
 
+    from sadtalker_rt.models.checkpoints import WeightSource
     from sadtalker_rt.runtime import pipeline
     head = pipeline.TalkingHead.from_weights(WeightSource(synthetic_seed=0))
     avatar = head.prepare_avatar("photo.png", preprocess="crop")
@@ -19,10 +20,9 @@ from typing import Callable, Iterator, Optional, Union
 import numpy as np
 
 from ..errors import InputError, UsageError
-from ..stages import PREPROCESS_MODES, mapping_stage
+from ..stages import (COEFFS, EXPRESSION, FPS, POSE, POSE_CHUNK, PREPROCESS_MODES, SAMPLE_RATE, SAMPLES_PER_FRAME,
+                      STAGES, is_full, mapping_stage)
 
-FPS = 25
-SAMPLE_RATE = 16000
 AUDIO_CHUNK = 500              # frames per ExpNet call (20 s of audio)
 Progress = Callable[[str, int, int], None]   # (stage, done, total)
 ImageLike = Union[str, Path, np.ndarray]
@@ -67,7 +67,7 @@ class Avatar:
     @property
     def output_size(self) -> tuple[int, int]:
         """(width, height) of the video."""
-        if "full" in self.preprocess:
+        if is_full(self.preprocess):
             h, w = self.original.shape[:2]
             return w, h
         if self.preprocess == "resize":
@@ -153,7 +153,7 @@ class TalkingHead:
         coeffs257 = self.infer("face3d_recon", aligned_image=_chw(aligned))["coeffs"]
         source_coeffs = prep.first_frame_coeffs(coeffs257, trans_params)
         avatar = Avatar(self.size, preprocess, frame, source_coeffs, crop_info,
-                        photo if "full" in preprocess else None, notes=notes)
+                        photo if is_full(preprocess) else None, notes=notes)
         self._source_features(avatar)
         return avatar
 
@@ -163,8 +163,8 @@ class TalkingHead:
         source_image = _chw(avatar.source_frame)
         kp_canonical = self.infer("kp_detector", source_image=source_image)["kp_canonical"]
         encoded = self.infer("source_encoder", source_image=source_image)
-        full = "full" in avatar.preprocess
-        source_semantics, _ = semantic_windows(avatar.source_coeffs[:, :70], avatar.source_coeffs, full=full,
+        full = is_full(avatar.preprocess)
+        source_semantics, _ = semantic_windows(avatar.source_coeffs[:, :COEFFS], avatar.source_coeffs, full=full,
                                                still=False, expression_scale=1.0)
         kp_source = self.infer(mapping_stage(avatar.preprocess), kp_canonical=kp_canonical,
                                semantics=source_semantics.astype(np.float32))["kp"]
@@ -186,36 +186,37 @@ class TalkingHead:
             name = name or (str(audio) if not isinstance(audio, np.ndarray) else "the audio")
             raise InputError(f"{name} is shorter than one "
                              f"video frame ({len(wav)} samples at 16 kHz, {len(wav) / 16:.1f} ms < 40 ms).")
-        wav = wav[: frames * SAMPLE_RATE // FPS]
+        wav = wav[: frames * SAMPLES_PER_FRAME]
         windows = audio_features.MelWindows(audio_features.melspectrogram(wav), frames)
         rng = np.random.default_rng(options.seed)
         blink = coeffs.blink_sequence(frames, rng).astype(np.float32)            # (T, 1)
-        ref = avatar.source_coeffs[0, :70].astype(np.float32)
-        exp = np.empty((frames, 64), np.float32)
+        ref = avatar.source_coeffs[0, :COEFFS].astype(np.float32)
+        exp = np.empty((frames, EXPRESSION.stop), np.float32)
         # Frames are independent in ExpNet; chunks keep activation memory bounded on long audio.
         for start in range(0, frames, AUDIO_CHUNK):
             stop = min(start + AUDIO_CHUNK, frames)
             exp[start:stop] = self.infer("audio2exp", indiv_mels=windows[start:stop][:, None].astype(np.float32),
                                          ref_exp=np.tile(ref[:64], (stop - start, 1)), blink=blink[start:stop])["exp"]
             progress("audio2exp", stop, frames)
-        pose = coeffs.smooth_pose(self._pose(windows, ref[64:70], options, rng, progress))
+        pose = coeffs.smooth_pose(self._pose(windows, ref[POSE], options, rng, progress))
         return Motion(np.concatenate([exp, pose], axis=1).astype(np.float32), wav, windows)
 
     def _pose(self, windows, ref_pose: np.ndarray, options: Options, rng: np.random.Generator,
               progress: Progress) -> np.ndarray:
-        """PoseVAE over chunks of 32 frames after frame 0 (``coeffs.pose_chunks``), one latent per chunk."""
+        """PoseVAE over chunks of POSE_CHUNK frames after frame 0 (``coeffs.pose_chunks``), one latent per chunk."""
         from .coeffs import pose_chunks
 
         chunks = pose_chunks(len(windows))
-        noise = rng.standard_normal((max(len(chunks), 1), 64)).astype(np.float32)
-        motion = [np.zeros((1, 6), np.float32)]
+        latent = STAGES["audio2pose"].input("noise").shape[1]
+        noise = rng.standard_normal((max(len(chunks), 1), latent)).astype(np.float32)
+        motion = [np.zeros((1, POSE.stop - POSE.start), np.float32)]
         for k, chunk in enumerate(chunks):
             window = windows[1 + chunk.start:1 + chunk.stop].astype(np.float32)   # audio after the reference frame
-            if len(window) < 32:    # fewer than 32 frames in all: repeating the first window repeats its embedding
-                window = np.concatenate([np.repeat(window[:1], 32 - len(window), axis=0), window])
+            if len(window) < POSE_CHUNK:    # a shorter utterance: repeating the first window repeats its embedding
+                window = np.concatenate([np.repeat(window[:1], POSE_CHUNK - len(window), axis=0), window])
             out = self.infer("audio2pose", indiv_mels=window[:, None], ref_pose=ref_pose[None],
                              pose_style=np.array([options.pose_style], np.int64), noise=noise[k:k + 1])["motion"]
-            motion.append(out[32 - chunk.keep:])
+            motion.append(out[POSE_CHUNK - chunk.keep:])
             progress("audio2pose", k + 1, len(chunks))
         return ref_pose[None] + np.concatenate(motion)
 
@@ -226,7 +227,7 @@ class TalkingHead:
         from .compose import Compositor
         from .scheduler import FramePipeline
 
-        targets = target_windows(motion.coeffs.astype(np.float32), avatar.source_coeffs, full="full" in avatar.preprocess,
+        targets = target_windows(motion.coeffs.astype(np.float32), avatar.source_coeffs, full=is_full(avatar.preprocess),
                                  still=options.still, expression_scale=options.expression_scale)
         compositor = Compositor(avatar)
         pipeline = FramePipeline(self._executor(), avatar.features, self.size, options.batch_size,

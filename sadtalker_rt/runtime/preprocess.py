@@ -14,8 +14,8 @@ import numpy as np
 from PIL import Image
 
 from ..errors import InputError, UsageError
+from ..stages import PREPROCESS_MODES
 
-CROP_MODES = ("crop", "extcrop", "resize", "full", "extfull")
 ALIGN_SIZE = 512            # the official code always aligns with xsize=512, whatever the render size
 RECON_SIZE = 224            # input side of the 3DMM regressor
 RECON_RESCALE = 102.0       # align_img's rescale_factor
@@ -148,8 +148,8 @@ def crop_source(image: np.ndarray, landmarks: np.ndarray | None, mode: str, size
     ``landmarks`` (68, 2) in image pixels are needed by every mode except ``resize``. The region is
     resized with cv2 bilinear to ``size`` x ``size`` without keeping its aspect, as officially.
     """
-    if mode not in CROP_MODES:
-        raise UsageError(f"unknown preprocess mode '{mode}'; choose one of {', '.join(CROP_MODES)}.")
+    if mode not in PREPROCESS_MODES:
+        raise UsageError(f"unknown preprocess mode '{mode}'; choose one of {', '.join(PREPROCESS_MODES)}.")
     height, width = image.shape[:2]
     if mode == "resize":
         info = CropInfo(mode, (width, height), (width, height), (width, height), None, None, (0, 0, width, height))

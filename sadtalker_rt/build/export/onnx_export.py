@@ -21,16 +21,12 @@ import numpy as np
 from ... import __version__
 from ...runtime.manifest import FORMAT, MANIFEST, sha256_of
 from ...errors import SadTalkerError, UsageError
-from ...stages import BATCH, FRAMES, STAGES, Stage
+from ...stages import BATCH, FRAMES, OPSET, ORDER, POSE_STYLES, STAGES, Stage
 
-OPSET = 20                      # the first opset whose GridSample takes 5-D input
-EXPORT_ORDER = ("face3d_recon", "kp_detector", "source_encoder", "mapping", "mapping_full", "renderer",
-                "audio2exp", "audio2pose")
 TRACE_AXES = {BATCH: 2, FRAMES: 8}          # dynamic axis values used for tracing
 CHECK_AXES = {BATCH: 3, FRAMES: 5}          # another shape, to prove the axes really are dynamic
 FP16_MIN_PSNR = 40.0                        # dB against float32 PyTorch for image outputs of FP16 graphs
 FP16_MAX_REL = 5e-2                         # other FP16 outputs: worst error relative to max(1, max|ref|)
-IMAGE_OUTPUTS = ("frames",)
 
 
 class ExportValidationError(SadTalkerError):
@@ -60,29 +56,29 @@ def state_dict_sha256(module) -> str:
 
 def example_inputs(stage: Stage, size: int, axes: dict, known: dict[str, np.ndarray],
                    rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Inputs for tracing and validation: upstream outputs where available, else plausible data."""
+    """Inputs for tracing and validation: what the feeding stage produced where it ran (``known`` holds
+    ``"stage.output"`` arrays and host inputs by name), else plausible data of the tensor's kind."""
     feeds = {}
     for tensor in stage.inputs:
         shape = tensor.resolve(size, **axes)
-        upstream = known.get(tensor.name)
+        upstream = known.get(tensor.source or tensor.name)
         if upstream is not None and upstream.shape[1:] == shape[1:]:
             reps = -(-shape[0] // upstream.shape[0])
             feeds[tensor.name] = np.concatenate([upstream] * reps)[: shape[0]]
-        elif tensor.dtype == "int64":
-            feeds[tensor.name] = rng.integers(0, 46, size=shape).astype(np.int64)
-        elif tensor.name in ("source_image", "aligned_image"):
-            feeds[tensor.name] = rng.uniform(0, 1, size=shape).astype(np.float32)
-        elif tensor.name == "semantics":
-            # Motion coefficients around a source: small expression and pose offsets per frame.
-            base = rng.normal(0, 0.3, size=(1,) + shape[1:])
-            feeds[tensor.name] = (base + rng.normal(0, 0.05, size=shape)).astype(np.float32)
-        elif tensor.name.startswith("kp"):
-            feeds[tensor.name] = rng.uniform(-0.5, 0.5, size=shape).astype(np.float32)
-        elif tensor.name == "indiv_mels":
-            feeds[tensor.name] = np.clip(rng.normal(-1.5, 1.2, size=shape), -4, 4).astype(np.float32)
         else:
-            feeds[tensor.name] = rng.normal(0, 0.5, size=shape).astype(np.float32)
+            feeds[tensor.name] = _SAMPLERS[tensor.kind](rng, shape).astype(tensor.dtype)
     return feeds
+
+
+_SAMPLERS = {
+    "class": lambda rng, shape: rng.integers(0, POSE_STYLES, size=shape),
+    "image": lambda rng, shape: rng.uniform(0, 1, size=shape),
+    "keypoints": lambda rng, shape: rng.uniform(-0.5, 0.5, size=shape),
+    "mels": lambda rng, shape: np.clip(rng.normal(-1.5, 1.2, size=shape), -4, 4),
+    # Motion coefficients around a source: small expression and pose offsets per frame.
+    "semantics": lambda rng, shape: rng.normal(0, 0.3, size=(1,) + shape[1:]) + rng.normal(0, 0.05, size=shape),
+    "value": lambda rng, shape: rng.normal(0, 0.5, size=shape),
+}
 
 
 def run_torch(module, stage: Stage, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -145,7 +141,7 @@ def parity_rows(stage: Stage, label: str, ours: dict, ref: dict, precision: str)
                "method": "fp16 storage emulated on CPU" if precision == "fp16" else "onnxruntime CPU"}
         passed = bool(result.passed)
         reason = f"relative error {result.max_rel:.2e} > {rtol:.0e}"
-        if result.name in IMAGE_OUTPUTS:
+        if stage.output(result.name).kind == "image":
             row["psnr_db"] = result.psnr_db
             if precision == "fp16":   # FP16 images are judged by PSNR, the measure users see
                 passed = result.psnr_db >= FP16_MIN_PSNR
@@ -229,7 +225,7 @@ def _version(module: str) -> str | None:
 
 
 def export_graphs(weights, size: int, out_dir: Path, precision: str = "fp32", grid_sample: str = "native",
-                  stages: tuple[str, ...] = EXPORT_ORDER, seed: int = 0, source_image: np.ndarray | None = None,
+                  stages: tuple[str, ...] = ORDER, seed: int = 0, source_image: np.ndarray | None = None,
                   progress: Callable[[str, int, int], None] | None = None) -> dict:
     """Export, validate and describe the stages; raise ExportValidationError listing every failure.
 
@@ -245,7 +241,7 @@ def export_graphs(weights, size: int, out_dir: Path, precision: str = "fp32", gr
         raise UsageError(f"--grid-sample must be native or decomposed, not '{grid_sample}'.")
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
-        raise UsageError(f"unknown stages {unknown}; known: {', '.join(EXPORT_ORDER)}.")
+        raise UsageError(f"unknown stages {unknown}; known: {', '.join(ORDER)}.")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -259,17 +255,14 @@ def export_graphs(weights, size: int, out_dir: Path, precision: str = "fp32", gr
 
     known: dict[str, np.ndarray] = {} if source_image is None else {"source_image": source_image}
     reports, entries = [], {}
-    ordered = [s for s in EXPORT_ORDER if s in stages]
+    ordered = [s for s in ORDER if s in stages]
     for i, name in enumerate(ordered):
         if progress:
             progress("export", i, len(ordered))
         stage = STAGES[name]
         report, outputs = export_stage(stage, stage_module(name, subnetwork), size, precision, grid_sample, out_dir,
                                        known, rng)
-        known.update(outputs)
-        if name in ("mapping", "mapping_full"):      # the renderer is driven by what mapping produced
-            known["kp_source"] = outputs["kp"][:1]
-            known["kp_driving"] = outputs["kp"]
+        known.update({f"{name}.{output}": value for output, value in outputs.items()})
         reports.append(report)
         entries[name] = _manifest_entry(stage, report, out_dir, size, grid_sample,
                                         {n: state_dict_sha256(subnetwork(n)) for n in stage.subnetworks})
