@@ -12,7 +12,7 @@ from typing import Optional
 import typer
 
 from .errors import SadTalkerError, UsageError
-from .stages import RENDER_SIZES
+from .backend_choice import BackendChoice, weight_source
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Export, optimize and run SadTalker talking-head generation.")
@@ -24,18 +24,6 @@ CHECKPOINTS_HELP = "directory with the official SadTalker checkpoints"
 @app.callback()
 def _main(debug: bool = typer.Option(False, "--debug", help="show tracebacks")) -> None:
     """``--debug`` is read by ``main`` before typer parses; declared here for --help."""
-
-
-def weight_source(checkpoints: Optional[Path], synthetic_weights: Optional[int], size: int, old_version: bool = False):
-    from .models.checkpoints import WeightSource
-
-    if (checkpoints is None) == (synthetic_weights is None):
-        raise UsageError("give either --checkpoints DIR (official weights) or --synthetic-weights [SEED].")
-    if checkpoints is not None and not checkpoints.is_dir():
-        raise UsageError(f"--checkpoints {checkpoints} is not a directory.")
-    if size not in RENDER_SIZES:
-        raise UsageError(f"--size must be {' or '.join(map(str, RENDER_SIZES))}, not {size}.")
-    return WeightSource(checkpoints, synthetic_weights, size=size, old_version=old_version)
 
 
 @app.command()
@@ -82,12 +70,16 @@ def run(
     output: Path = typer.Option(Path("out.mp4"), "-o", "--output", help="mp4 to write"),
     checkpoints: Optional[Path] = typer.Option(None, "--checkpoints", help=CHECKPOINTS_HELP),
     synthetic_weights: Optional[int] = typer.Option(None, "--synthetic-weights", metavar="[SEED]", help=SYNTHETIC_HELP),
-    engines: Optional[Path] = typer.Option(None, "--engines", help="exported graphs or built engines"),
+    graphs: Optional[Path] = typer.Option(None, "--graphs", help="onnxruntime: exported ONNX graphs (default: made "
+                                          "from the weights once and cached)"),
+    engines: Optional[Path] = typer.Option(None, "--engines", help="tensorrt: built engines (default: built from "
+                                           "the weights once and cached)"),
     backend: str = typer.Option("torch", "--backend", help="torch, onnxruntime or tensorrt"),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda (torch and onnxruntime backends)"),
-    precision: str = typer.Option("fp32", "--precision", help="torch backend on cuda: fp32, or fp16 (autocast)"),
-    cuda_graphs: bool = typer.Option(False, "--cuda-graphs", help="torch backend on cuda: replay per-frame stages "
-                                     "from CUDA graphs"),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu (default) or cuda; tensorrt runs on cuda"),
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp32 (default) or fp16: torch autocast on "
+                                            "cuda, or the graphs made for onnxruntime and tensorrt"),
+    cuda_graphs: bool = typer.Option(False, "--cuda-graphs", help="torch on cuda and tensorrt: replay per-frame "
+                                     "stages from CUDA graphs"),
     size: Optional[int] = typer.Option(None, "--size", help="render size: 256 (default) or 512; engines fix it"),
     preprocess: str = typer.Option("crop", "--preprocess", help="crop, extcrop, resize, full or extfull"),
     still: bool = typer.Option(False, "--still", help="keep the head pose of the photo"),
@@ -110,25 +102,12 @@ def run(
                       batch_size=batch_size, duration=duration)
     options.validate()
     photo, wav = _load_run_inputs(image, audio, output, overwrite)
-    if backend == "torch":
-        if engines is not None:
-            raise UsageError("--engines is for --backend onnxruntime or tensorrt.")
-        weights = weight_source(checkpoints, synthetic_weights, size or 256, old_version)
-        if weights.synthetic:
-            typer.echo(f"note: {weights.describe()}.", err=True)
-        if precision not in ("fp32", "fp16"):
-            raise UsageError(f"--precision must be fp32 or fp16, not '{precision}'.")
-        head = TalkingHead.from_weights(weights, size=size or 256, device=device, precision=precision,
-                                        cuda_graphs=cuda_graphs)
-    else:
-        if checkpoints is not None or synthetic_weights is not None:
-            raise UsageError(f"--backend {backend} reads --engines DIR; weights were fixed at export.")
-        head = TalkingHead.from_engines(engines, backend=backend, device=device)
-        if size is not None and size != head.size:
-            raise UsageError(f"--size {size} does not match the engines in {engines} (size {head.size}).")
-        for line in getattr(head.backend, "notes", []):
-            typer.echo(f"note: {line}", err=True)
+    choice = BackendChoice(backend, device, precision, cuda_graphs, graphs, engines)
+    choice.check()
     bars = StageBars(None if not quiet else False)
+    head = choice.open(TalkingHead, checkpoints, synthetic_weights, size, old_version, bars)
+    for line in head.backend.notes:
+        typer.echo(f"note: {line}", err=True)
     start = time.perf_counter()
     avatar = head.prepare_avatar(photo, preprocess, name=str(image))
     for line in avatar.notes:

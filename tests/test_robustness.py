@@ -634,7 +634,7 @@ def _graph_dir(directory: Path, size: int = 256, graph_size: int | None = None, 
 
 def _engines_run(assets_dir, inputs, outputs, engines, *extra):
     return ["run", assets_dir / GOOD_PHOTO, write_wav(inputs / "a.wav", 2), "-o", outputs / "talk.mp4",
-            "--backend", "onnxruntime", "--engines", engines, "--quiet", *extra]
+            "--backend", "onnxruntime", "--graphs", engines, "--quiet", *extra]
 
 
 def test_graphs_of_another_size_than_asked(cli, dirs, assets_dir):

@@ -220,6 +220,10 @@ class WeightSource:
             digest.update(f"{name}:{path.stat().st_size}:{int(path.stat().st_mtime)}".encode())
         return "official-" + digest.hexdigest()[:16]
 
+    def files(self) -> list[Path]:
+        """The checkpoint files these weights are read from (none for synthetic weights)."""
+        return [] if self.synthetic else [self.checkpoints / name for name in sorted(self._files())]
+
     def _files(self) -> list[str]:
         names = {SUBNETWORKS["mapping"].legacy_file, SUBNETWORKS["mapping_full"].legacy_file}
         if self.old_version:

@@ -26,7 +26,9 @@ class Runner(Protocol):
 
 class Backend(Protocol):
     name: str
-    size: int
+    size: int                   # render size
+    precision: str | None       # "fp32" or "fp16", as the graphs, engines or modules run
+    notes: list[str]            # lines for the user (what was loaded, from where)
 
     def runner(self, stage: str) -> Runner: ...
 

@@ -66,6 +66,7 @@ class OnnxRuntimeBackend:
         self.directory = Path(directory)
         self.manifest = load_manifest(self.directory)
         self.size = int(self.manifest["size"])
+        self.precision = self.manifest.get("precision")
         self.device = device
         self._providers = _providers(device)
         self._runners: dict[str, OnnxRuntimeRunner] = {}

@@ -198,6 +198,7 @@ class TensorRTBackend:
         self.platform = platform_fields(self._trt, self.cuda)
         self.record = load_engines_record(self.directory)
         self.size = int(self.record["size"])
+        self.precision = self.record.get("precision")
         self.cuda_graphs = cuda_graphs
         for stage, entry in self.record["stages"].items():     # refuse early, before any engine is read
             reason = check_engine(entry, self.platform)

@@ -93,6 +93,7 @@ class TorchBackend:
             raise UsageError("--precision fp16 with the torch backend needs --device cuda.")
         self.precision = precision
         self.cuda_graphs = cuda_graphs
+        self.notes: list[str] = []
         self.weights = weights
         self.size = size
         self.device = device

@@ -1,0 +1,116 @@
+"""Artifacts keyed by content: the graphs and engines for given weights, size and precision are found in the
+cache, or made once and kept there, so ``run --backend onnxruntime|tensorrt`` needs no export or build by hand.
+
+The key of a graph folder covers what changes the graphs: the weights' bytes, the render size, precision and
+grid-sample form, the opset, and the versions of this toolkit, torch, onnx and onnxruntime. Engines are built
+into a folder per graph folder; the TensorRT builder's own keys (GPU, TensorRT version, profiles) decide there
+whether an engine is reused. Folders are made beside their final place and renamed when complete, so an
+interrupted export never leaves a folder that looks finished.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from .. import __version__
+from ..runtime.manifest import FORMAT, MANIFEST, sha256_of
+from ..stages import OPSET
+
+Progress = Callable[[str, int, int], None]
+
+
+def cache_root() -> Path:
+    """``$SADTALKER_RT_CACHE``, else ``$XDG_CACHE_HOME/sadtalker-rt``, else ``~/.cache/sadtalker-rt``."""
+    if os.environ.get("SADTALKER_RT_CACHE"):
+        return Path(os.environ["SADTALKER_RT_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "sadtalker-rt"
+
+
+def _version(module: str) -> str | None:
+    try:
+        return __import__(module).__version__
+    except ImportError:
+        return None
+
+
+def weights_digest(weights) -> str:
+    """sha256 over the bytes of every file the weights are read from (synthetic weights: their seed).
+
+    Digests are remembered per (path, size, mtime) in the cache, so a checkpoint is hashed once.
+    """
+    if weights.synthetic:
+        return weights.identity()
+    memo_path = cache_root() / "file-digests.json"
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    digest = hashlib.sha256()
+    changed = False
+    for path in weights.files():
+        stat = path.stat()
+        tag = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+        if tag not in memo:
+            memo[tag] = sha256_of(path)
+            changed = True
+        digest.update(f"{path.name}:{memo[tag]}".encode())
+    if changed:
+        _write_json_atomic(memo_path, memo)
+    return "sha256-" + digest.hexdigest()[:32]
+
+
+def graphs_key(weights, size: int, precision: str, grid_sample: str) -> dict:
+    return {"format": FORMAT, "weights": weights_digest(weights), "size": size, "precision": precision,
+            "grid_sample": grid_sample, "opset": OPSET, "toolkit": __version__, "torch": _version("torch"),
+            "onnx": _version("onnx"), "onnxruntime": _version("onnxruntime")}
+
+
+def key_name(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def graphs_for(weights, size: int, precision: str, grid_sample: str = "native",
+               progress: Progress | None = None) -> Path:
+    """The cached graph folder for these weights and options, exported and validated first if missing."""
+    from .export.onnx_export import export_graphs
+
+    key = graphs_key(weights, size, precision, grid_sample)
+    folder = cache_root() / "graphs" / key_name(key)
+    if (folder / MANIFEST).is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        export_graphs(weights, size, staging, precision=precision, grid_sample=grid_sample, progress=progress)
+        _write_json_atomic(staging / "cache-key.json", key)
+        try:
+            staging.rename(folder)
+        except OSError:            # another process finished the same export first: keep theirs
+            if not (folder / MANIFEST).is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def engines_for(graphs: Path, progress: Progress | None = None, **build_options) -> Path:
+    """The engine folder for a graph folder; engines whose key still matches are reused by the builder."""
+    from .tensorrt import build_engines
+
+    folder = cache_root() / "engines" / Path(graphs).name
+    build_engines(Path(graphs), folder, progress=progress, **build_options)
+    return folder
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    with os.fdopen(handle, "w") as out:
+        json.dump(data, out, indent=2, sort_keys=True)
+    os.replace(tmp, path)
