@@ -42,6 +42,7 @@ import numpy as np
 
 from . import __version__
 from .errors import SadTalkerError, UsageError
+from .runtime.backends import SerialBackend
 from .stages import BATCH, FPS, FRAMES, ORDER, POSE_CHUNK, SAMPLE_RATE, SAMPLES_PER_FRAME, STAGES, mapping_stage
 
 SCHEMA_VERSION = 1
@@ -336,8 +337,8 @@ class InstrumentedRunner:
         return outputs
 
 
-class InstrumentedBackend:
-    """Wraps any backend (``runner(stage)``) so that every call lands in ``log``."""
+class InstrumentedBackend(SerialBackend):
+    """Wraps any backend (``runner(stage)``) so that every call lands in ``log``; stages run in order."""
 
     def __init__(self, backend, device: str, runtime: str, memory: MemoryProbe):
         self.backend = backend
@@ -420,7 +421,7 @@ class _SourceTap:
         return self.inner.infer(feeds)
 
 
-class OfficialBackend:
+class OfficialBackend(SerialBackend):
     """Float32 eager PyTorch as the official inference loop runs it: every stage from the torch backend, the
     renderer replaced by the whole generator per call."""
 

@@ -175,3 +175,29 @@ def upstream(tensor: Tensor) -> tuple[str, str] | None:
         return None
     stage, _, output = tensor.source.partition(".")
     return stage, output
+
+
+@dataclass(frozen=True)
+class PoseChunk:
+    """One CVAE call over ``mels[:, 1:]`` (frame 0 is the reference frame, motion 0).
+
+    ``start:stop`` are the audio frames encoded (fewer than POSE_CHUNK only when the whole sequence is
+    shorter; the encoder output is then front-padded by repeating its first frame); the last
+    ``keep`` decoded motions are used.
+    """
+
+    start: int
+    stop: int
+    keep: int
+
+
+def pose_chunks(T: int) -> list[PoseChunk]:
+    """The chunk layout of ``Audio2Pose.test`` for T frames; one latent vector per chunk."""
+    if T < 1:
+        raise ValueError(f"a pose sequence needs at least one frame, got T={T}")
+    n = T - 1
+    full, rest = divmod(n, POSE_CHUNK)
+    chunks = [PoseChunk(k * POSE_CHUNK, (k + 1) * POSE_CHUNK, POSE_CHUNK) for k in range(full)]
+    if rest:
+        chunks.append(PoseChunk(max(0, n - POSE_CHUNK), n, rest))
+    return chunks

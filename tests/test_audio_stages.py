@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from sadtalker_rt.runtime import audio_features as audio
 from sadtalker_rt.runtime import coeffs
+from sadtalker_rt import stages
 from sadtalker_rt.conformance import run_directory
 from sadtalker_rt.errors import WeightsError
 from sadtalker_rt.models import audio2exp, audio2pose
@@ -172,7 +173,7 @@ def test_full_windows_need_crop_coefficients():
 
 @pytest.mark.parametrize("T", [1, 2, 21, 32, 33, 34, 65, 75, 97])
 def test_pose_chunks_cover_every_frame_once(T):
-    chunks = coeffs.pose_chunks(T)
+    chunks = stages.pose_chunks(T)
     assert len(chunks) == math.ceil((T - 1) / 32)
     covered = [i for c in chunks for i in range(c.stop - c.keep, c.stop)]
     assert covered == list(range(T - 1))
@@ -184,7 +185,7 @@ def test_generate_short_sequences_pad_the_embedding(pose_model, T):
     rng = np.random.default_rng(T)
     mels = torch.from_numpy(rng.standard_normal((1, T, 1, 80, 16)).astype(np.float32))
     ref = torch.from_numpy(rng.standard_normal((1, 1, 70)).astype(np.float32))
-    noise = torch.from_numpy(rng.standard_normal((1, max(1, len(coeffs.pose_chunks(T))), 64)).astype(np.float32))
+    noise = torch.from_numpy(rng.standard_normal((1, max(1, len(stages.pose_chunks(T))), 64)).astype(np.float32))
     with torch.inference_mode():
         pose = pose_model.generate(mels, ref, 7, noise)
         assert pose.shape == (1, T, 6)

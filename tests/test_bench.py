@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from sadtalker_rt import bench
-from sadtalker_rt.runtime.backends import check_feeds
+from sadtalker_rt.runtime.backends import SerialBackend, check_feeds
 from sadtalker_rt.models.checkpoints import WeightSource
 from sadtalker_rt.cli import main
 from sadtalker_rt.stages import STAGES
@@ -44,7 +44,7 @@ class StubRunner:
         return self.fn(**feeds)
 
 
-class StubBackend:
+class StubBackend(SerialBackend):
     """Every stage of the crop pipeline in a few lines of numpy (see the module docstring)."""
 
     name = "stub"

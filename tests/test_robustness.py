@@ -37,11 +37,12 @@ from PIL import Image
 
 from sadtalker_rt.runtime import audio_features
 from sadtalker_rt import media
-from sadtalker_rt.runtime.backends import check_feeds
+from sadtalker_rt.runtime.backends import SerialBackend, check_feeds
 from sadtalker_rt.models.checkpoints import SUBNETWORKS, WeightSource, official_template, safetensors_name
 from sadtalker_rt.cli import main
-from sadtalker_rt.runtime.coeffs import pose_chunks, semantic_windows
+from sadtalker_rt.runtime.coeffs import semantic_windows
 from sadtalker_rt.stages import POSE_CHUNK as POSE_SEQ_LEN
+from sadtalker_rt.stages import pose_chunks
 from sadtalker_rt.runtime.compose import Compositor
 from sadtalker_rt.runtime.scheduler import FramePipeline, SerialExecutor
 from sadtalker_rt.errors import InputError, WeightsError
@@ -148,7 +149,7 @@ def stub_audio2pose(indiv_mels, ref_pose, pose_style, noise):
     return {"motion": np.tile(noise[:, :6], (POSE_SEQ_LEN, 1)).astype(np.float32)}
 
 
-class StubBackend:
+class StubBackend(SerialBackend):
     name = "stub"
 
     def __init__(self, size: int = 256):

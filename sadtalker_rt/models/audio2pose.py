@@ -15,8 +15,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from ..runtime.coeffs import pose_chunks
-from ..stages import POSE, POSE_CHUNK, POSE_STYLES
+from ..stages import POSE, POSE_CHUNK, POSE_STYLES, pose_chunks
 from ._loading import load_strict, module_template
 from .audio2exp import wav2lip_audio_encoder
 
@@ -185,7 +184,7 @@ class Audio2Pose(nn.Module):
         """``Audio2Pose.test``: indiv_mels (1, T, 1, 80, 16), ref (1, 1, 70), noise (1, n_chunks, 64) -> pose (1, T, 6).
 
         Frame 0 is the reference (motion 0); frames 1.. are decoded in chunks of 32, a remainder from
-        the last 32 frames keeping its tail (``coeffs.pose_chunks``). Returns ref pose + motion.
+        the last 32 frames keeping its tail (``stages.pose_chunks``). Returns ref pose + motion.
         """
         T = indiv_mels.shape[1]
         chunks = pose_chunks(T)

@@ -1,15 +1,13 @@
 """Coefficient sequences around the audio-to-coefficient models (numpy and scipy only).
 
-Blink ratios (spec 3.2), the Audio2Pose chunk layout (5.3), pose smoothing (5.4) and the renderer's
+Blink ratios (spec 3.2), pose smoothing (5.4) and the renderer's
 27-frame coefficient windows (6). Randomness is explicit: callers pass a ``numpy.random.Generator``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
-from ..stages import COEFFS, EXPRESSION, FULL_COEFFS, POSE_CHUNK, SEMANTIC_RADIUS
+from ..stages import COEFFS, EXPRESSION, FULL_COEFFS, SEMANTIC_RADIUS
 
 BLINK_PROFILE = np.array([0.5, 0.9, 1.0, 0.9, 0.5], dtype=np.float32)
 SMOOTH_WINDOW = 13
@@ -35,32 +33,6 @@ def blink_sequence(T: int, rng: np.random.Generator) -> np.ndarray:
         ratio[first:first + len(BLINK_PROFILE), 0] = BLINK_PROFILE
         frame_id = first + len(BLINK_PROFILE)
     return ratio
-
-
-@dataclass(frozen=True)
-class PoseChunk:
-    """One CVAE call over ``mels[:, 1:]`` (frame 0 is the reference frame, motion 0).
-
-    ``start:stop`` are the audio frames encoded (fewer than 32 only when the whole sequence is
-    shorter; the encoder output is then front-padded by repeating its first frame); the last
-    ``keep`` decoded motions are used.
-    """
-
-    start: int
-    stop: int
-    keep: int
-
-
-def pose_chunks(T: int) -> list[PoseChunk]:
-    """The chunk layout of ``Audio2Pose.test`` for T frames; one latent vector per chunk."""
-    if T < 1:
-        raise ValueError(f"a pose sequence needs at least one frame, got T={T}")
-    n = T - 1
-    full, rest = divmod(n, POSE_CHUNK)
-    chunks = [PoseChunk(k * POSE_CHUNK, (k + 1) * POSE_CHUNK, POSE_CHUNK) for k in range(full)]
-    if rest:
-        chunks.append(PoseChunk(max(0, n - POSE_CHUNK), n, rest))
-    return chunks
 
 
 def smoothing_window(T: int) -> int:

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..errors import InputError, UsageError
 from ..stages import (COEFFS, EXPRESSION, FPS, POSE, POSE_CHUNK, PREPROCESS_MODES, SAMPLE_RATE, SAMPLES_PER_FRAME,
-                      STAGES, is_full, mapping_stage)
+                      STAGES, is_full, mapping_stage, pose_chunks)
 
 AUDIO_CHUNK = 500              # frames per ExpNet call (20 s of audio)
 Progress = Callable[[str, int, int], None]   # (stage, done, total)
@@ -203,8 +203,7 @@ class TalkingHead:
 
     def _pose(self, windows, ref_pose: np.ndarray, options: Options, rng: np.random.Generator,
               progress: Progress) -> np.ndarray:
-        """PoseVAE over chunks of POSE_CHUNK frames after frame 0 (``coeffs.pose_chunks``), one latent per chunk."""
-        from .coeffs import pose_chunks
+        """PoseVAE over chunks of POSE_CHUNK frames after frame 0 (``stages.pose_chunks``), one latent per chunk."""
 
         chunks = pose_chunks(len(windows))
         latent = STAGES["audio2pose"].input("noise").shape[1]
@@ -230,7 +229,7 @@ class TalkingHead:
         targets = target_windows(motion.coeffs.astype(np.float32), avatar.source_coeffs, full=is_full(avatar.preprocess),
                                  still=options.still, expression_scale=options.expression_scale)
         compositor = Compositor(avatar)
-        pipeline = FramePipeline(self._executor(), avatar.features, self.size, options.batch_size,
+        pipeline = FramePipeline(self.backend.executor(), avatar.features, self.size, options.batch_size,
                                  mapping=mapping_stage(avatar.preprocess))
         total = motion.frames
         for index, chw in pipeline.frames(targets):
@@ -238,13 +237,6 @@ class TalkingHead:
             yield Frame(index, index / FPS, compositor(to_uint8(chw)))
             if (index + 1) % options.batch_size == 0 or index + 1 == total:
                 progress("render", index + 1, total)
-
-    def _executor(self):
-        """CUDA streams where the backend has them (TensorRT), else stage calls in order."""
-        from .scheduler import SerialExecutor
-
-        make_executor = getattr(self.backend, "executor", None)
-        return make_executor() if make_executor else SerialExecutor(self.backend.runner)
 
     def generate(self, avatar: Avatar, audio: AudioLike, options: Options = Options(),
                  progress: Progress = _noop) -> Iterator[Frame]:

@@ -14,6 +14,7 @@ import numpy as np
 
 from ...errors import UsageError
 from ...stages import STAGES, Stage
+from ..scheduler import Executor, SerialExecutor
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
@@ -32,7 +33,19 @@ class Backend(Protocol):
 
     def runner(self, stage: str) -> Runner: ...
 
+    def executor(self) -> Executor:
+        """How the frame scheduler issues work: CUDA streams (TensorRT) or stage calls in order."""
+
+
     def describe(self) -> dict: ...
+
+
+class SerialBackend:
+    """For backends whose runners return host arrays (torch, onnxruntime, test stand-ins): the frame scheduler
+    calls their stages in order."""
+
+    def executor(self) -> SerialExecutor:
+        return SerialExecutor(self.runner)
 
 
 def check_feeds(stage: Stage, feeds: dict[str, np.ndarray]) -> None:
@@ -65,4 +78,4 @@ def open_backend(name: str, *, weights=None, engines: Path | None = None, size: 
     raise UsageError(f"--backend must be one of {', '.join(BACKENDS)}, not '{name}'.")
 
 
-__all__ = ["BACKENDS", "Backend", "Runner", "STAGES", "check_feeds", "open_backend"]
+__all__ = ["BACKENDS", "Backend", "Runner", "STAGES", "SerialBackend", "check_feeds", "open_backend"]

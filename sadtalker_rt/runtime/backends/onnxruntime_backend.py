@@ -11,7 +11,7 @@ import numpy as np
 
 from ...errors import EnvironmentProblem, WeightsError
 from ...stages import STAGES
-from . import check_feeds
+from . import SerialBackend, check_feeds
 from ..manifest import load_manifest, verified_path
 
 
@@ -59,7 +59,7 @@ class OnnxRuntimeRunner:
         return dict(zip(self.output_names, values))
 
 
-class OnnxRuntimeBackend:
+class OnnxRuntimeBackend(SerialBackend):
     name = "onnxruntime"
 
     def __init__(self, directory: Path, size: int | None = None, device: str = "cpu"):

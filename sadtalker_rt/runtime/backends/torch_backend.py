@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from ...stages import STAGES, Stage
-from . import check_feeds
+from . import SerialBackend, check_feeds
 
 
 class TorchRunner:
@@ -82,7 +82,7 @@ class TorchRunner:
                 for t, o in zip(self.stage.outputs, outputs)}
 
 
-class TorchBackend:
+class TorchBackend(SerialBackend):
     name = "torch"
 
     def __init__(self, weights, size: int = 256, device: str = "cpu", precision: str = "fp32",
