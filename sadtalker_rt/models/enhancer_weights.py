@@ -61,10 +61,13 @@ class EnhancerWeights:
                     raise WeightsError(f"{path} holds facexlib's face parsing network, not GFPGAN v1.4; "
                                        "pass GFPGANv1.4.pth.") from None
                 raise
-        state = read_pickle(path, "")
-        if set(state) & set(GFPGAN_KEYS):
-            raise WeightsError(f"{path} holds GFPGAN weights, not the face parsing network; pass parsing_parsenet.pth.")
-        return state
+        try:
+            return read_pickle(path, "")
+        except WeightsError:
+            if _holds_gfpgan(path):
+                raise WeightsError(f"{path} holds GFPGAN weights, not the face parsing network; "
+                                   "pass parsing_parsenet.pth.") from None
+            raise
 
     def source_name(self, name: str) -> str:
         if self.synthetic:
@@ -90,6 +93,14 @@ class EnhancerWeights:
 
     def build(self, name: str):
         return build_subnetwork(name, self.state_dict(name), self.source_name(name))
+
+
+def _holds_gfpgan(path: Path) -> bool:
+    try:
+        read_pickle(path, GFPGAN_KEYS)
+    except WeightsError:
+        return False
+    return True
 
 
 def _is_parsenet_file(path: Path) -> bool:
