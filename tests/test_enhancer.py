@@ -8,10 +8,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from sadtalker_rt import face_restore as fr  # noqa: E402
+from sadtalker_rt.runtime import face_restore as fr  # noqa: E402
 from sadtalker_rt.conformance import run_directory  # noqa: E402
-from sadtalker_rt.enhancer import FaceEnhancer  # noqa: E402
-from sadtalker_rt.enhancer_weights import EnhancerWeights  # noqa: E402
+from sadtalker_rt.runtime.enhancer import FaceEnhancer  # noqa: E402
+from sadtalker_rt.models.enhancer_weights import EnhancerWeights  # noqa: E402
 from sadtalker_rt.errors import UsageError, WeightsError  # noqa: E402
 from sadtalker_rt.stages import ENHANCER_NOISE_SIDES  # noqa: E402
 
