@@ -115,7 +115,7 @@ def run(
     head = choice.open(TalkingHead, checkpoints, synthetic_weights, size, old_version, bars)
     extra = _enhancer_weights(enhancer, enhancer_weights, checkpoints, synthetic_weights)
     if extra is not None:
-        head.enable_enhancer(extra, device=device)
+        head.enable_enhancer(extra, device=device or ("cuda" if backend == "tensorrt" else "cpu"))
     for line in head.backend.notes:
         typer.echo(f"note: {line}", err=True)
     start = time.perf_counter()
