@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from .errors import SadTalkerError, UsageError
+from .errors import SadTalkerError, UsageError, WeightsError
 from .backend_choice import BackendChoice, weight_source
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -91,6 +91,13 @@ def run(
     old_version: bool = typer.Option(False, "--old-version", help="load the legacy .pth checkpoints"),
     duration: Optional[float] = typer.Option(None, "--duration", help="use only the first SECONDS of the audio"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
+    enhancer: Optional[str] = typer.Option(None, "--enhancer", help="gfpgan: restore the face (GFPGAN v1.4), "
+                                           "video at twice the size"),
+    enhancer_noise: str = typer.Option("fixed", "--enhancer-noise", help="GFPGAN decoder noise: fixed (default), "
+                                       "seeded or fresh (the official call)"),
+    enhancer_weights: Optional[Path] = typer.Option(None, "--enhancer-weights", help="GFPGANv1.4.pth, or the folder "
+                                                    "with it and parsing_parsenet.pth (default: gfpgan/weights "
+                                                    "beside --checkpoints)"),
 ) -> None:
     """Animate IMAGE with AUDIO into an mp4 (H.264 + AAC, 25 fps)."""
     import time
@@ -99,13 +106,16 @@ def run(
     from .progress import StageBars
 
     options = Options(pose_style=pose_style, expression_scale=expression_scale, still=still, seed=seed,
-                      batch_size=batch_size, duration=duration)
+                      batch_size=batch_size, duration=duration, enhancer=enhancer, enhancer_noise=enhancer_noise)
     options.validate()
     photo, wav = _load_run_inputs(image, audio, output, overwrite)
     choice = BackendChoice(backend, device, precision, cuda_graphs, graphs, engines)
     choice.check()
     bars = StageBars(None if not quiet else False)
     head = choice.open(TalkingHead, checkpoints, synthetic_weights, size, old_version, bars)
+    extra = _enhancer_weights(enhancer, enhancer_weights, checkpoints, synthetic_weights)
+    if extra is not None:
+        head.enable_enhancer(extra, device=device or ("cuda" if backend == "tensorrt" else "cpu"))
     for line in head.backend.notes:
         typer.echo(f"note: {line}", err=True)
     start = time.perf_counter()
@@ -247,6 +257,27 @@ def bench(
            if b["status"] == "failed" or (b["status"] == "ok" and not b["parity"]["passed"])]
     if bad:
         raise bench_mod.ParityFailure(f"parity failed or the run crashed for {', '.join(bad)} (reports written).")
+
+
+def _enhancer_weights(enhancer: Optional[str], location: Optional[Path], checkpoints: Optional[Path],
+                      synthetic_weights: Optional[int]):
+    if enhancer is None:
+        if location is not None:
+            raise UsageError("--enhancer-weights is for --enhancer gfpgan.")
+        return None
+    from .models.enhancer_weights import EnhancerWeights
+
+    if synthetic_weights is not None and location is None:
+        return EnhancerWeights(synthetic_seed=synthetic_weights)
+    where = location or checkpoints
+    if where is None or not where.exists():
+        raise WeightsError(f"--enhancer gfpgan needs GFPGANv1.4.pth: {where} does not exist." if where else
+                           "--enhancer gfpgan needs GFPGANv1.4.pth: give --enhancer-weights or --checkpoints.")
+    weights = EnhancerWeights(where)
+    if not weights.has("parsenet"):
+        typer.echo("note: parsing_parsenet.pth not found; the face is pasted back through a feathered square mask.",
+                   err=True)
+    return weights
 
 
 def _load_run_inputs(image: Path, audio: Path, output: Path, overwrite: bool):

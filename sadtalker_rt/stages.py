@@ -159,6 +159,29 @@ STAGES: dict[str, Stage] = {
 
 ORDER = tuple(STAGES)           # export and report order: per photo, per frame, per utterance
 
+# The face enhancer (``--enhancer gfpgan``): GFPGAN v1.4 on 512x512 faces aligned to the FFHQ template, and
+# the parsing network whose classes shape the paste-back mask. Alignment and paste-back are numpy/OpenCV.
+ENHANCER_FACE = 512
+ENHANCER_UPSCALE = 2
+ENHANCER_NOISE_SIDES = (4, 8, 8, 16, 16, 32, 32, 64, 64, 128, 128, 256, 256, 512, 512)
+ENHANCER_NOISE_MODES = ("fixed", "seeded", "fresh")
+
+STAGES["enhancer"] = Stage(
+    "enhancer", "frame",
+    inputs=(Tensor("face", (BATCH, 3, ENHANCER_FACE, ENHANCER_FACE)),
+            *(Tensor(f"noise{i}", (BATCH, 1, side, side)) for i, side in enumerate(ENHANCER_NOISE_SIDES))),
+    outputs=(Tensor("image", (BATCH, 3, ENHANCER_FACE, ENHANCER_FACE)),),
+    subnetworks=("gfpgan",),
+    profile=(1, 4, 8),
+)
+STAGES["face_parse"] = Stage(
+    "face_parse", "frame",
+    inputs=(Tensor("face", (BATCH, 3, ENHANCER_FACE, ENHANCER_FACE)),),
+    outputs=(Tensor("parse", (BATCH, ENHANCER_FACE, ENHANCER_FACE), "int64"),),
+    subnetworks=("parsenet",),
+    profile=(1, 4, 8),
+)
+
 
 def is_full(preprocess: str) -> bool:
     return preprocess in FULL_MODES

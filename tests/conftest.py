@@ -33,3 +33,8 @@ def conformance_dir() -> Path:
 @pytest.fixture(scope="session")
 def assets_dir() -> Path:
     return shared_path("assets")
+
+
+@pytest.fixture(scope="session")
+def enhancer_cases() -> Path:
+    return shared_path("conformance-enhancer")

@@ -35,6 +35,9 @@ SUBNETWORKS: dict[str, SubNetwork] = {
     "face_3drecon": SubNetwork("sadtalker_rt.models.face3d_recon", "face_3drecon.", "epoch_20.pth", "net_recon"),
     "mapping": SubNetwork("sadtalker_rt.models.mapping", "", "mapping_00229-model.pth.tar", "mapping"),
     "mapping_full": SubNetwork("sadtalker_rt.models.mapping", "", "mapping_00109-model.pth.tar", "mapping"),
+    # The face enhancer's files live in SadTalker's gfpgan/weights folder (sadtalker_rt.enhancer_weights).
+    "gfpgan": SubNetwork("sadtalker_rt.models.gfpgan", "", "GFPGANv1.4.pth", "params_ema"),
+    "parsenet": SubNetwork("sadtalker_rt.models.parsenet", "", "parsing_parsenet.pth", ""),
 }
 
 # Sub-network configuration that is not in the weights' shapes.
@@ -129,8 +132,10 @@ ZIP_MAGIC = b"PK"           # torch.save since 1.6
 PICKLE_MAGIC = b"\x80"      # legacy torch.save and plain pickles (protocol 2 and later)
 
 
-def read_pickle(path: Path, key: str) -> dict:
-    """A torch pickle read with ``weights_only=True``; returns ``checkpoint[key]``, a dict of tensors."""
+def read_pickle(path: Path, key: str | tuple[str, ...]) -> dict:
+    """A torch pickle read with ``weights_only=True``; returns ``checkpoint[key]``, a dict of tensors.
+
+    ``key`` may list alternatives (the first present wins) or be "" for a file that is the state dict."""
     import pickle
     import warnings
     import zipfile
@@ -154,17 +159,30 @@ def read_pickle(path: Path, key: str) -> dict:
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
         raise WeightsError(f"{path} is truncated or damaged; it could not be read as a PyTorch checkpoint "
                            f"({_first_line(err).split('. ')[0].rstrip('.')}).") from None
+    keys = (key,) if isinstance(key, str) else tuple(key)
+    if keys == ("",):
+        if not isinstance(checkpoint, Mapping):
+            raise WeightsError(f"{path} holds a {type(checkpoint).__name__}, not a state dict; is it the right file?")
+        return _tensor_dict(path, checkpoint, "")
+    key = next((k for k in keys if isinstance(checkpoint, dict) and k in checkpoint), keys[0])
     if not isinstance(checkpoint, dict) or key not in checkpoint:
         found = sorted(map(str, checkpoint))[:6] if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        raise WeightsError(f"{path} has no '{key}' entry (found {found}); is it the right file?")
-    state = checkpoint[key]
+        wanted = "' or '".join(keys)
+        raise WeightsError(f"{path} has no '{wanted}' entry (found {found}); is it the right file?")
+    return _tensor_dict(path, checkpoint[key], key)
+
+
+def _tensor_dict(path: Path, state, key: str) -> dict:
+    import torch
+
+    where = f"{path} ['{key}']" if key else str(path)
     if not isinstance(state, Mapping):
-        raise WeightsError(f"{path} ['{key}'] is a {type(state).__name__}, not a state dict; is it the right file?")
+        raise WeightsError(f"{where} is a {type(state).__name__}, not a state dict; is it the right file?")
     odd = next((k for k, v in state.items() if not isinstance(v, torch.Tensor)), None)
     if odd is not None:
-        raise WeightsError(f"{path} ['{key}'] holds a {type(state[odd]).__name__} under '{odd}' where a tensor "
+        raise WeightsError(f"{where} holds a {type(state[odd]).__name__} under '{odd}' where a tensor "
                            "belongs; is it the right file?")
-    return state
+    return dict(state)
 
 
 def _unpickler_reason(err: BaseException) -> str:

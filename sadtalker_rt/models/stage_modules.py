@@ -88,6 +88,25 @@ class Audio2PoseStage(nn.Module):
         return self.decoder(indiv_mels[None], ref_pose, pose_style, noise)[0]
 
 
+class EnhancerStage(nn.Module):
+    def __init__(self, gfpgan):
+        super().__init__()
+        self.gfpgan = gfpgan
+
+    def forward(self, face, *noise, **named_noise):
+        maps = list(noise) or [named_noise[f"noise{i}"] for i in range(len(named_noise))]
+        return self.gfpgan(face, maps)
+
+
+class FaceParseStage(nn.Module):
+    def __init__(self, parsenet):
+        super().__init__()
+        self.parsenet = parsenet
+
+    def forward(self, face):
+        return self.parsenet(face).argmax(dim=1)
+
+
 STAGE_MODULES = {
     "face3d_recon": Face3dReconStage,
     "kp_detector": KPDetectorStage,
@@ -97,6 +116,8 @@ STAGE_MODULES = {
     "renderer": RendererStage,
     "audio2exp": Audio2ExpStage,
     "audio2pose": Audio2PoseStage,
+    "enhancer": EnhancerStage,
+    "face_parse": FaceParseStage,
 }
 
 

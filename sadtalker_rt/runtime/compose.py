@@ -46,6 +46,15 @@ class Compositor:
         self.out = photo.copy()
         self.paste_size = (bw, bh)
 
+    def map_points(self, points: np.ndarray) -> np.ndarray:
+        """(N, 2) pixel positions in the rendered S x S frame -> positions in the video frame."""
+        points = np.asarray(points, dtype=np.float64)
+        if "full" in self.mode:
+            (bw, bh), (x1, y1) = self.paste_size, self.box[:2]
+            return points * [bw / self.size, bh / self.size] + [x1, y1]
+        width, height = self.output_size
+        return points * [width / self.size, height / self.size]
+
     def __call__(self, frame: np.ndarray) -> np.ndarray:
         if is_full(self.mode):
             patch = cv2.resize(frame, self.paste_size, interpolation=cv2.INTER_LINEAR)[self.inner].astype(np.float32)

@@ -39,8 +39,13 @@ class Options:
     seed: int = 0                  # blinks and pose latents; the same seed gives the same video
     batch_size: int = 2            # frames per renderer call
     duration: Optional[float] = None   # seconds of audio to use (None: all)
+    enhancer: Optional[str] = None     # "gfpgan": restore the face, video at twice the size
+    enhancer_noise: str = "fixed"      # GFPGAN decoder noise: fixed, seeded or fresh (sadtalker_rt.enhancer)
 
     def validate(self) -> None:
+        from .enhancer import check_enhancer
+
+        check_enhancer(self.enhancer, self.enhancer_noise)
         if not 0 <= self.pose_style <= 45:
             raise UsageError(f"--pose-style must be in 0..45, not {self.pose_style}.")
         if self.batch_size < 1:
@@ -63,6 +68,7 @@ class Avatar:
     original: Optional[np.ndarray]     # the full photo, kept for full/extfull paste-back
     features: dict = field(default_factory=dict)   # kp_canonical, kp_source, feature_3d, source_compressed
     notes: list = field(default_factory=list)
+    face_points: Optional[np.ndarray] = None   # (5, 2) eyes, nose, mouth corners in the source frame (enhancer)
 
     @property
     def output_size(self) -> tuple[int, int]:
@@ -105,17 +111,35 @@ def _noop(stage: str, done: int, total: int) -> None:
 
 
 class TalkingHead:
-    def __init__(self, backend, size: int = 256):
+    def __init__(self, backend, size: int = 256, enhancer=None):
         self.backend = backend
         self.size = size
+        self.enhancer = enhancer           # sadtalker_rt.enhancer.FaceEnhancer, for Options(enhancer="gfpgan")
 
     @classmethod
     def from_weights(cls, weights, size: int = 256, device: str = "cpu", precision: str = "fp32",
-                     cuda_graphs: bool = False) -> "TalkingHead":
+                     cuda_graphs: bool = False, enhancer_weights=None) -> "TalkingHead":
+        """``enhancer_weights``: a ``sadtalker_rt.models.enhancer_weights.EnhancerWeights`` to allow ``--enhancer``."""
         from .backends import open_backend
 
-        return cls(open_backend("torch", weights=weights, size=size, device=device, precision=precision,
+        head = cls(open_backend("torch", weights=weights, size=size, device=device, precision=precision,
                                 cuda_graphs=cuda_graphs), size)
+        if enhancer_weights is not None:
+            head.enable_enhancer(enhancer_weights, device=device)
+        return head
+
+    def enable_enhancer(self, enhancer_weights, device: str = "cpu") -> None:
+        """Load GFPGAN (and the parsing network where present) for ``Options(enhancer="gfpgan")``; the
+        enhancer stages run on the torch backend whatever backend renders."""
+        from .backends import open_backend
+        from .enhancer import FaceEnhancer
+
+        opened = open_backend("torch", weights=enhancer_weights, size=self.size, device=device)
+        gfpgan = opened.subnetwork("gfpgan")
+        if enhancer_weights.has("parsenet"):
+            opened.subnetwork("parsenet")          # a wrong file is refused before any rendering
+        self.enhancer = FaceEnhancer(opened, [n.numpy() for n in gfpgan.stylegan_decoder.stored_noise()],
+                                     parse=enhancer_weights.has("parsenet"))
 
     @classmethod
     def from_engines(cls, engines: Path, backend: str = "onnxruntime", device: str = "cpu") -> "TalkingHead":
@@ -152,8 +176,11 @@ class TalkingHead:
         trans_params, aligned = prep.align_for_3dmm(frame, frame_landmarks)
         coeffs257 = self.infer("face3d_recon", aligned_image=_chw(aligned))["coeffs"]
         source_coeffs = prep.first_frame_coeffs(coeffs257, trans_params)
+        from .face_restore import points_from_landmarks68
+
         avatar = Avatar(self.size, preprocess, frame, source_coeffs, crop_info,
-                        photo if is_full(preprocess) else None, notes=notes)
+                        photo if is_full(preprocess) else None, notes=notes,
+                        face_points=points_from_landmarks68(frame_landmarks))
         self._source_features(avatar)
         return avatar
 
@@ -229,14 +256,35 @@ class TalkingHead:
         targets = target_windows(motion.coeffs.astype(np.float32), avatar.source_coeffs, full=is_full(avatar.preprocess),
                                  still=options.still, expression_scale=options.expression_scale)
         compositor = Compositor(avatar)
+        enhance = self._enhancer_for(avatar, compositor, options)
         pipeline = FramePipeline(self.backend.executor(), avatar.features, self.size, options.batch_size,
                                  mapping=mapping_stage(avatar.preprocess))
         total = motion.frames
+        pending: list[tuple[int, np.ndarray]] = []
         for index, chw in pipeline.frames(targets):
             # chw is a view into a reused host buffer: convert it before the next frame.
-            yield Frame(index, index / FPS, compositor(to_uint8(chw)))
+            image = compositor(to_uint8(chw))
+            if enhance is None:
+                yield Frame(index, index / FPS, image)
+            else:       # frames go straight from the renderer through the enhancer, a batch at a time
+                pending.append((index, image))
+                if len(pending) == options.batch_size or index + 1 == total:
+                    indices = [i for i, _ in pending]
+                    for i, enhanced in zip(indices, enhance([im for _, im in pending], indices,
+                                                            options.enhancer_noise, options.seed)):
+                        yield Frame(i, i / FPS, enhanced)
+                    pending.clear()
             if (index + 1) % options.batch_size == 0 or index + 1 == total:
                 progress("render", index + 1, total)
+
+    def _enhancer_for(self, avatar: Avatar, compositor, options: Options):
+        if options.enhancer is None:
+            return None
+        if self.enhancer is None:
+            raise UsageError("--enhancer gfpgan needs the enhancer's weights (GFPGANv1.4.pth) or --synthetic-weights; "
+                             "this TalkingHead was made without them.")
+        self.enhancer.set_points(compositor.map_points(avatar.face_points))
+        return self.enhancer
 
     def generate(self, avatar: Avatar, audio: AudioLike, options: Options = Options(),
                  progress: Progress = _noop) -> Iterator[Frame]:
@@ -248,6 +296,8 @@ class TalkingHead:
 
         motion = self.motion(avatar, audio, options, progress, name=audio_name)
         width, height = avatar.output_size
+        if options.enhancer is not None:
+            width, height = width * self.enhancer.upscale, height * self.enhancer.upscale
         with VideoWriter(Path(output), width, height, audio=motion.wav, fps=FPS, sample_rate=SAMPLE_RATE,
                          overwrite=overwrite) as writer:
             for frame in self.render(avatar, motion, options, progress):

@@ -1,0 +1,81 @@
+"""``--enhancer gfpgan`` on the hot path: video frames -> faces aligned to the FFHQ template -> GFPGAN and the
+parsing network (stages ``enhancer`` and ``face_parse``, any backend) -> pasted back at twice the size.
+
+Alignment points: the official helper runs RetinaFace on every frame; its weights cannot be shipped. The
+points here come from the avatar's own 68 landmarks (on the renderer's source frame), mapped into the video
+frame once per avatar: SadTalker's renderer keeps the face where the source image has it, so per-frame
+detection buys little for its cost (see the README). Noise maps of the decoder: ``fixed`` (the checkpoint's
+own maps every frame; least flicker, the default), ``seeded`` (fresh maps per frame drawn from the seed and
+the frame index, as the official statistics, reproducible) or ``fresh`` (unseeded, as the official call).
+Numpy and OpenCV only; frames are RGB in and out (converted to the BGR the official helper holds).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+
+from . import face_restore as fr
+from ..errors import UsageError
+from ..stages import ENHANCER_NOISE_MODES, ENHANCER_NOISE_SIDES, ENHANCER_UPSCALE
+
+ENHANCERS = ("gfpgan",)
+
+
+def check_enhancer(name: Optional[str], noise: str) -> None:
+    if name is not None and name not in ENHANCERS:
+        raise UsageError(f"--enhancer must be {' or '.join(ENHANCERS)}, not '{name}'.")
+    if noise not in ENHANCER_NOISE_MODES:
+        raise UsageError(f"--enhancer-noise must be one of {', '.join(ENHANCER_NOISE_MODES)}, not '{noise}'.")
+
+
+class FaceEnhancer:
+    """``backend.runner("enhancer")`` and, when ``parse`` is True, ``backend.runner("face_parse")``.
+
+    ``fixed_noise``: the checkpoint's 15 noise maps (1, 1, r, r), needed by the ``fixed`` mode.
+    """
+
+    def __init__(self, backend, fixed_noise: Optional[Sequence[np.ndarray]] = None, parse: bool = True,
+                 upscale: int = ENHANCER_UPSCALE):
+        self.backend = backend
+        self.fixed_noise = None if fixed_noise is None else [np.ascontiguousarray(n, np.float32) for n in fixed_noise]
+        self.parse = parse
+        self.upscale = upscale
+        self._affine = None
+
+    def set_points(self, points: np.ndarray) -> None:
+        """The face's 5 points (eyes, nose tip, mouth corners) in video-frame pixels, fixed for the avatar."""
+        affine = fr.align_affine(np.asarray(points, np.float32))
+        self._affine = affine
+        self._inverse = fr.inverse_affine(affine, self.upscale)
+
+    def noise(self, indices: Sequence[int], mode: str, seed: int) -> dict[str, np.ndarray]:
+        batch = len(indices)
+        if mode == "fixed":
+            if self.fixed_noise is None:
+                raise UsageError("--enhancer-noise fixed needs the checkpoint's noise maps; this backend has none.")
+            return {f"noise{i}": np.broadcast_to(n, (batch, *n.shape[1:])) for i, n in enumerate(self.fixed_noise)}
+        maps = {f"noise{i}": np.empty((batch, 1, s, s), np.float32) for i, s in enumerate(ENHANCER_NOISE_SIDES)}
+        for b, index in enumerate(indices):
+            rng = np.random.default_rng([seed, index] if mode == "seeded" else None)
+            for i, side in enumerate(ENHANCER_NOISE_SIDES):
+                maps[f"noise{i}"][b, 0] = rng.standard_normal((side, side), dtype=np.float32)
+        return maps
+
+    def __call__(self, frames_rgb: Sequence[np.ndarray], indices: Sequence[int], mode: str = "fixed",
+                 seed: int = 0) -> list[np.ndarray]:
+        """RGB uint8 frames (H, W, 3) -> RGB uint8 frames (2H, 2W, 3)."""
+        if self._affine is None:
+            raise RuntimeError("set_points() first")
+        bgr = [np.ascontiguousarray(f[..., ::-1]) for f in frames_rgb]
+        cropped = np.stack([fr.warp_face(f, self._affine) for f in bgr])
+        image = self.backend.runner("enhancer").infer({"face": fr.network_input(cropped),
+                                                       **self.noise(indices, mode, seed)})["image"]
+        restored = fr.restored_image(image)
+        masks = [None] * len(bgr)
+        if self.parse:
+            parse = self.backend.runner("face_parse").infer(
+                {"face": fr.network_input(restored, float64_division=False)})["parse"]
+            masks = [fr.parse_mask(p) for p in parse]
+        return [np.ascontiguousarray(fr.paste_faces(f, [r], [self._inverse], self.upscale, [m])[..., ::-1])
+                for f, r, m in zip(bgr, restored, masks)]
