@@ -14,7 +14,7 @@ from torch import nn
 
 from ._loading import load_strict, module_template, to_tensor
 
-NUM_CLASSES = 19
+PARSE_CLASSES = 19
 
 
 class _Norm(nn.Module):
@@ -65,7 +65,7 @@ class ResidualBlock(nn.Module):
 
 class ParseNet(nn.Module):
     def __init__(self, in_size: int = 512, out_size: int = 512, min_feat_size: int = 32, base_ch: int = 64,
-                 parsing_ch: int = NUM_CLASSES, res_depth: int = 10, ch_range: tuple[int, int] = (32, 256)):
+                 parsing_ch: int = PARSE_CLASSES, res_depth: int = 10, ch_range: tuple[int, int] = (32, 256)):
         super().__init__()
 
         def clip(c: int) -> int:

@@ -49,7 +49,7 @@ class Compositor:
     def map_points(self, points: np.ndarray) -> np.ndarray:
         """(N, 2) pixel positions in the rendered S x S frame -> positions in the video frame."""
         points = np.asarray(points, dtype=np.float64)
-        if "full" in self.mode:
+        if is_full(self.mode):
             (bw, bh), (x1, y1) = self.paste_size, self.box[:2]
             return points * [bw / self.size, bh / self.size] + [x1, y1]
         width, height = self.output_size
