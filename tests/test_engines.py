@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -993,6 +994,39 @@ def test_polygraphy_receives_the_stage_profile_strong_typing_tf32_off_and_the_ti
     kp = profile["kp_driving"]
     assert [kp.min[0], kp.opt[0], kp.max[0]] == list(STAGES["renderer"].profile)
     assert tuple(profile["feature_3d"].min) == tuple(profile["feature_3d"].max) == shapes["feature_3d"][0]
+
+
+def test_polygraphy_drives_a_tensorrt_shaped_module_as_intended(graphs, tmp_path):
+    """Polygraphy's real build path (loaders, config, timing cache) against a recording stand-in for the
+    TensorRT module, in a child process: the calls TensorRT would receive."""
+    code = ("import sys, tensorrt; from pathlib import Path; "
+            "from sadtalker_rt.build.tensorrt import PolygraphyEngineBuilder; "
+            "from sadtalker_rt.runtime.engine_plan import builder_settings, profile_shapes; "
+            "from sadtalker_rt.stages import STAGES; "
+            "builder = PolygraphyEngineBuilder(tensorrt, builder_settings(2.0), Path(sys.argv[2])); "
+            "print(builder.build(Path(sys.argv[1]), profile_shapes(STAGES['renderer'], 16)))")
+    stand_ins = Path(__file__).parent / "stand_ins"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(stand_ins), str(Path(__file__).parents[1])]),
+           "FAKE_TRT_CALLS": str(tmp_path / "calls.json")}
+    cache = tmp_path / "timing.cache"
+    runs = []
+    for _ in range(2):
+        out = subprocess.run([sys.executable, "-c", code, str(graphs["renderer"]), str(cache)], env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.strip().splitlines()[-1] == "b'serialized engine'"
+        runs.append((json.loads((tmp_path / "calls.json").read_text()), cache.read_bytes()))
+    calls = {c[0]: c[1:] for c in runs[0][0]}
+    assert calls["create_network"] == [1 << 1], "STRONGLY_TYPED, nothing else"
+    assert calls["parse_from_file"] == ["renderer.onnx"]
+    assert calls["clear_flag"] == ["BuilderFlag.TF32"] and "set_flag" not in calls
+    assert calls["set_memory_pool_limit"] == ["MemoryPoolType.WORKSPACE", 2 << 30]
+    shapes = profile_shapes(STAGES["renderer"], SIZE)
+    assert calls["add_optimization_profile"] == [{n: [list(s) for s in v] for n, v in shapes.items()}]
+    assert calls["build"] == [[], True], "built with no precision flags, TF32 cleared, strongly typed"
+    assert calls["set_timing_cache"] == ["", False] and runs[0][1] == b"timings", "a new cache, written after"
+    assert {c[0]: c[1:] for c in runs[1][0]}["set_timing_cache"][0] == "timings", "the next build reads it"
+    assert runs[1][1] == b"timings+timings", "and merges what it measured into it"
 
 
 def test_polygraphy_without_tensorrt_refuses_in_one_sentence(graphs, tmp_path, monkeypatch):
