@@ -43,8 +43,9 @@ class BackendChoice:
     def check(self) -> None:
         if self.backend not in BACKENDS:
             raise UsageError(f"--backend must be one of {', '.join(BACKENDS)}, not '{self.backend}'.")
-        if self.device not in (None, "cpu", "cuda"):
-            raise UsageError(f"--device must be cpu or cuda, not '{self.device}'.")
+        if self.device not in (None, "cpu", "cuda") and not (self.backend == "onnxruntime" and self.device == "tensorrt"):
+            raise UsageError(f"--device must be cpu or cuda (or tensorrt with --backend onnxruntime), "
+                             f"not '{self.device}'.")
         if self.precision not in (None, *PRECISIONS):
             raise UsageError(f"--precision must be fp32 or fp16, not '{self.precision}'.")
         on_cuda = self.device == "cuda"
@@ -92,7 +93,7 @@ class BackendChoice:
         elif checkpoints is not None or synthetic_seed is not None:
             raise UsageError(f"--backend {self.backend} with {folder} reads its weights from there; leave out "
                              "--checkpoints and --synthetic-weights.")
-        head = talking_head.from_engines(folder, backend=self.backend, device=device)
+        head = talking_head.from_engines(folder, backend=self.backend, device=device, cuda_graphs=self.cuda_graphs)
         recorded = head.backend.precision
         if self.precision is not None and recorded is not None and self.precision != recorded:
             raise UsageError(f"--precision {self.precision} does not match {folder} ({recorded}).")

@@ -527,7 +527,10 @@ def _graphs(ctx: BenchContext, precision: str) -> tuple[Path, list[str]]:
     from .build.export.onnx_export import ExportValidationError, export_graphs
     from .stages import ORDER
 
+    from .build.tensorrt import resolve_grid_sample
+
     weights, size = ctx.config.weights, ctx.config.size
+    grid_sample = resolve_grid_sample()         # the form the installed TensorRT (if any) can build
     if ctx.config.engines_dir is not None:
         directory = Path(ctx.config.engines_dir) / f"onnx-{precision}-{size}-{weights.identity()}"
     else:
@@ -535,6 +538,7 @@ def _graphs(ctx: BenchContext, precision: str) -> tuple[Path, list[str]]:
     try:
         manifest = load_manifest(directory)
         if (manifest.get("size") == size and manifest.get("precision") == precision
+                and manifest.get("grid_sample") == grid_sample
                 and manifest.get("weights", {}).get("identity") == weights.identity()):
             for stage in ORDER:
                 verified_path(directory, manifest, stage)
@@ -544,7 +548,8 @@ def _graphs(ctx: BenchContext, precision: str) -> tuple[Path, list[str]]:
     begin = time.perf_counter()
     notes = []
     try:
-        export_graphs(weights, size, directory, precision=precision, source_image=ctx.export_source,
+        export_graphs(weights, size, directory, precision=precision, grid_sample=grid_sample,
+                      source_image=ctx.export_source,
                       progress=_prefixed(ctx.progress, f"export {precision}"))
     except ExportValidationError as err:        # the graphs were written; the bench measures their parity itself
         notes.append(f"export validation: {err}")

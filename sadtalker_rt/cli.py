@@ -75,7 +75,8 @@ def run(
     engines: Optional[Path] = typer.Option(None, "--engines", help="tensorrt: built engines (default: built from "
                                            "the weights once and cached)"),
     backend: str = typer.Option("torch", "--backend", help="torch, onnxruntime or tensorrt"),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu (default) or cuda; tensorrt runs on cuda"),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu (default) or cuda; tensorrt runs on cuda; "
+                                         "--backend onnxruntime also takes tensorrt (its TensorRT provider)"),
     precision: Optional[str] = typer.Option(None, "--precision", help="fp32 (default) or fp16: torch autocast on "
                                             "cuda, or the graphs made for onnxruntime and tensorrt"),
     cuda_graphs: bool = typer.Option(False, "--cuda-graphs", help="torch on cuda and tensorrt: replay per-frame "
@@ -134,7 +135,9 @@ def export(
     synthetic_weights: Optional[int] = typer.Option(None, "--synthetic-weights", metavar="[SEED]", help=SYNTHETIC_HELP),
     size: int = typer.Option(256, "--size", help="render size: 256 or 512"),
     precision: str = typer.Option("fp32", "--precision", help="fp32, or fp16 with FP32 islands"),
-    grid_sample: str = typer.Option("native", "--grid-sample", help="native (GridSample, opset 20) or decomposed"),
+    grid_sample: str = typer.Option("auto", "--grid-sample", help="auto (what the installed TensorRT builds: "
+                                    "native from 11.2, else decomposed; native without TensorRT), native "
+                                    "(GridSample, opset 20) or decomposed"),
     stage: Optional[list[str]] = typer.Option(None, "--stage", help="export only these stages"),
     image: Optional[Path] = typer.Option(None, "--image", help="photo to validate on (default: the demo photo)"),
     old_version: bool = typer.Option(False, "--old-version", help="load the legacy .pth checkpoints"),
@@ -164,7 +167,8 @@ def export(
 def build(
     onnx_dir: Path = typer.Argument(..., help="graphs and manifest.json made by `sadtalker-rt export`"),
     output: Path = typer.Option(..., "-o", "--output", help="directory for the engines and engines.json"),
-    max_batch: int = typer.Option(8, "--max-batch", help="largest --batch-size the engines take"),
+    max_batch: Optional[int] = typer.Option(None, "--max-batch", help="largest --batch-size the engines take "
+                                            "(default: each stage's profile in the stage table)"),
     workspace: float = typer.Option(4.0, "--workspace", help="TensorRT builder workspace, GiB"),
     stage: Optional[list[str]] = typer.Option(None, "--stage", help="build only these stages"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
@@ -174,14 +178,31 @@ def build(
     from .progress import StageBars
 
     bars = StageBars(None if not quiet else False)
-    result = build_engines(onnx_dir, output, max_batch=max_batch, opt_batch=min(4, max_batch),
-                           workspace_gib=workspace, progress=bars, stages=tuple(stage) if stage else None)
+    result = build_engines(onnx_dir, output, max_batch=max_batch, workspace_gib=workspace, progress=bars,
+                           stages=tuple(stage) if stage else None)
     bars.close()
     for name, entry in result.record["stages"].items():
         how = f"built in {entry['build_seconds']:.0f} s: {result.built[name]}" if name in result.built else "reused"
         typer.echo(f"{name:<16}{entry['precision']:<6}{how}")
     typer.echo(f"{len(result.built)} built, {len(result.reused)} reused: {output} "
                f"(TensorRT {result.record['trt_version']}, {result.record['gpu_name']})")
+    if result.parity_failures:
+        from .build.export.onnx_export import ExportValidationError
+        from .parity import format_table
+
+        for name, command in result.parity_failures.items():
+            rows = result.record["stages"][name].get("parity", [])
+            typer.echo(f"{name}: the engine does not match its ONNX graph in onnxruntime", err=True)
+            typer.echo(format_table([_comparison(r) for r in rows]), err=True)
+            typer.echo(f"check it with Polygraphy:\n  {command}", err=True)
+        raise ExportValidationError(f"parity failed for the {', '.join(result.parity_failures)} engine(s) in "
+                                    f"{output} (recorded in engines.json; Polygraphy commands above).")
+
+
+def _comparison(row: dict):
+    from .parity import Comparison
+
+    return Comparison(**{**row, "shape": tuple(row["shape"])})
 
 
 def _source_image(image: Optional[Path], size: int):

@@ -189,3 +189,39 @@ def _format_line(c: Comparison, width: int) -> str:
         line += f"  PSNR {c.psnr_db:.1f} dB"
     line += f"  (atol {c.atol:g}, rtol {c.rtol:g})"
     return line if c.passed else f"{line}  {c.problem}"
+
+
+def from_polygraphy(stats, ours: dict, ref: dict, atol: float = 0.0, rtol: float = 1e-4,
+                    per_output_tolerances: dict[str, tuple[float, float]] | None = None) -> list[Comparison]:
+    """Polygraphy's per-output results of one iteration (name -> ``OutputCompareResult``, from
+    ``Comparator.compare_accuracy``) as ``Comparison`` rows judged by this module's rule.
+
+    Polygraphy's ``max_absdiff`` and ``mean_absdiff`` are taken as they are; the bound
+    ``atol + rtol * max(1, max|ref|)``, the 99th percentile and PSNR are computed here from the arrays.
+    Outputs Polygraphy did not compare (missing, extra, other shape) fail as ``compare`` says why.
+    """
+    per_output_tolerances = per_output_tolerances or {}
+    results = []
+    for result in compare(ours, ref, atol, rtol, per_output_tolerances):
+        stat = stats.get(result.name) if hasattr(stats, "get") else None
+        if result.problem.startswith(("missing", "not a", "shape")) or not hasattr(stat, "max_absdiff"):
+            results.append(result)
+            continue
+        tol_atol, tol_rtol = per_output_tolerances.get(result.name, (atol, rtol))
+        expected = np.asarray(ref[result.name], dtype=np.float64)
+        finite_ref = expected[np.isfinite(expected)]
+        scale = max(1.0, float(np.abs(finite_ref).max()) if finite_ref.size else 1.0)
+        max_abs = float(stat.max_absdiff)
+        max_abs = math.inf if math.isnan(max_abs) else max_abs
+        bound = tol_atol + tol_rtol * scale
+        passed = max_abs <= bound
+        if passed:
+            problem = ""
+        elif not math.isfinite(max_abs):
+            problem = "non-finite values where the reference has none (or other ones)"
+        else:
+            problem = f"max |diff| {max_abs:.3e} > {bound:.3e} (atol {tol_atol:g} + rtol {tol_rtol:g} * {scale:.3g})"
+        mean_abs = float(stat.mean_absdiff) if stat.mean_absdiff is not None else result.mean_abs
+        results.append(Comparison(result.name, result.shape, max_abs, mean_abs, result.p99_abs, max_abs / scale,
+                                  result.psnr_db, passed, tol_atol, tol_rtol, problem))
+    return results

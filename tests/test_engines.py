@@ -1,11 +1,13 @@
-"""Engines and the frame scheduler: profiles, cache keys, rebuild-or-refuse, build bookkeeping, name binding,
-stream ordering and buffer reuse. On CPU through fakes of TensorRT and CUDA; the real thing behind the
+"""Engines and the frame scheduler: profiles, cache keys, rebuild-or-refuse, build bookkeeping, building and
+checking through Polygraphy, name binding, stream ordering and buffer reuse. On CPU through fakes of TensorRT and CUDA; the real thing behind the
 ``gpu`` and ``tensorrt`` markers."""
 from __future__ import annotations
 
 import hashlib
 import itertools
 import json
+import os
+import shlex
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -18,8 +20,12 @@ import pytest
 from sadtalker_rt.runtime.manifest import FORMAT as ONNX_FORMAT
 from sadtalker_rt.runtime.manifest import MANIFEST
 from sadtalker_rt.runtime import engine_plan as plan
-from sadtalker_rt.build.tensorrt import run_builds
-from sadtalker_rt.runtime.engine_plan import EngineKey, cache_key, check_engine, engine_action, profile_shapes
+from sadtalker_rt.build import polygraphy_check
+from sadtalker_rt.build.tensorrt import PolygraphyEngineBuilder, polygraphy_loader, run_builds
+from sadtalker_rt.errors import SadTalkerError
+from sadtalker_rt.parity import from_polygraphy
+from sadtalker_rt.runtime.engine_plan import (EngineKey, builder_settings, cache_key, check_engine, engine_action,
+                                              profile_shapes)
 from sadtalker_rt.runtime.scheduler import FramePipeline, SerialExecutor
 from sadtalker_rt.errors import EnvironmentProblem, UsageError, WeightsError
 from sadtalker_rt.stages import BATCH, FRAMES, STAGES
@@ -120,7 +126,7 @@ def _key(**change):
 CHANGES = {
     "graph_sha256": "b" * 64, "stage": "mapping", "precision": "fp32",
     "profile": profile_shapes(STAGES["renderer"], 256, 16, 4), "trt_version": "10.9.0.34",
-    "gpu_name": "NVIDIA A100-SXM4-80GB", "compute_capability": "8.0",
+    "gpu_name": "NVIDIA A100-SXM4-80GB", "compute_capability": "8.0", "builder": builder_settings(8.0),
 }
 
 
@@ -144,6 +150,7 @@ REASONS = {
     "trt_version": "built with TensorRT 10.8.0.43 and this is TensorRT 10.9.0.34",
     "gpu_name": "built for NVIDIA H100 80GB HBM3 (compute capability 9.0) and this GPU is NVIDIA A100",
     "compute_capability": "compute capability 9.0) and this GPU is NVIDIA H100 80GB HBM3 (8.0)",
+    "builder": "builder settings differ (workspace_gib 4.0 then, 8.0 now)",
 }
 
 
@@ -485,6 +492,10 @@ class FakeCuda:
         self.mallocs = 0
         self.capture: list | None = None
         self.graph_launches = 0
+        self.errors_cleared = 0
+
+    def clear_error(self):
+        self.errors_cleared += 1
 
     def malloc(self, nbytes):
         block = np.zeros(max(nbytes, 1), np.uint8)
@@ -695,7 +706,8 @@ def export_dir(directory: Path, graphs: dict[str, bytes], precision="fp32", grid
     stages = {}
     for name, data in graphs.items():
         (directory / f"{name}.onnx").write_bytes(data)
-        stages[name] = {"file": f"{name}.onnx", "sha256": hashlib.sha256(data).hexdigest(), "precision": precision}
+        stages[name] = {"file": f"{name}.onnx", "sha256": hashlib.sha256(data).hexdigest(), "precision": precision,
+                        "grid_sample": grid_sample if name == "renderer" else None}
     manifest = {"format": ONNX_FORMAT, "size": SIZE, "precision": precision, "grid_sample": grid_sample,
                 "weights": {"identity": "synthetic:0"}, "stages": stages}
     (directory / MANIFEST).write_text(json.dumps(manifest))
@@ -851,6 +863,278 @@ def test_backend_refuses_engines_of_another_gpu_in_one_sentence(fake_backend, mo
     message = str(err.value)
     assert "built for NVIDIA H100 80GB HBM3 (compute capability 9.0) and this GPU is NVIDIA GeForce RTX 4090" in message
     assert message.endswith(f"`sadtalker-rt build ONNX_DIR -o {directory}`.") and message.count("; ") == 1
+
+
+# -- review fixes: TF32 in the key, profiles from the stage table, grid-sample choice, capture, --cuda-graphs ----
+def test_engines_built_before_builder_settings_were_recorded_are_rebuilt():
+    """Engines of the hand-written builder ran FP32 layers in TF32 (TensorRT's default) and recorded no
+    builder settings: the key now holds them (TF32 off), so such an engine is rebuilt."""
+    record = plan.engine_record(_key(), "renderer.engine", "0" * 64)
+    del record["builder"]
+    reason = check_engine(record, _key())
+    assert "builder settings differ" in reason and "tf32 unrecorded then, False now" in reason
+    assert builder_settings()["tf32"] is False and builder_settings()["strongly_typed"] is True
+    assert check_engine(record, PLATFORM) is None, "the runtime still runs it: only a build compares settings"
+
+
+def test_profiles_come_from_the_stage_table():
+    for name in ("mapping", "renderer", "audio2exp"):
+        stage = STAGES[name]
+        shapes = profile_shapes(stage, 256)
+        for tensor in stage.inputs:
+            for axis in tensor.dynamic_axes():
+                assert tuple(s[axis] for s in shapes[tensor.name]) == stage.profile, (name, tensor.name)
+    assert profile_shapes(STAGES["mapping"], 256)["semantics"][2][0] == 32
+    overridden = profile_shapes(STAGES["mapping"], 256, max_batch=2)["semantics"]
+    assert [s[0] for s in overridden] == [1, 2, 2], "--max-batch overrides the max and caps the opt"
+    frames = profile_shapes(STAGES["audio2exp"], 256, max_batch=2)["indiv_mels"]
+    assert [s[0] for s in frames] == list(STAGES["audio2exp"].profile), "--max-batch is about batches, not frames"
+
+
+def test_builds_without_max_batch_use_the_stage_table(tmp_path):
+    onnx_dir = export_dir(tmp_path / "onnx", {"mapping": b"m", "renderer": b"r"})
+    manifest = json.loads((onnx_dir / MANIFEST).read_text())
+    result = run_builds(manifest, onnx_dir, tmp_path / "engines", PLATFORM, StandInBuilder())
+    stages = result.record["stages"]
+    assert [s[0] for s in stages["mapping"]["profile"]["semantics"]] == list(STAGES["mapping"].profile)
+    assert [s[0] for s in stages["renderer"]["profile"]["kp_driving"]] == list(STAGES["renderer"].profile)
+    assert result.record["max_batch"] is None and stages["renderer"]["builder"] == builder_settings()
+
+
+def test_a_native_export_builds_its_stages_without_grid_sample_on_old_tensorrt(tmp_path):
+    onnx_dir = export_dir(tmp_path / "onnx", {"mapping": b"m", "renderer": b"r"}, grid_sample="native")
+    assert _builds(onnx_dir, tmp_path / "engines", stages=("mapping",))[0] == ["mapping"]
+    with pytest.raises(WeightsError, match=r"TensorRT 10\.8\.0\.43 cannot build"):
+        _builds(onnx_dir, tmp_path / "engines", stages=("renderer",))
+    assert _builds(onnx_dir, tmp_path / "more", platform={**PLATFORM, "trt_version": "11.2.0"})[0] == [
+        "mapping", "renderer"]
+
+
+@pytest.mark.parametrize("installed, choice", [("10.8.0.43", "decomposed"), ("11.1.0", "decomposed"),
+                                               ("11.2.0", "native"), (None, "native")])
+def test_grid_sample_auto_follows_the_installed_tensorrt(monkeypatch, installed, choice):
+    from sadtalker_rt.build.tensorrt import resolve_grid_sample
+
+    monkeypatch.setitem(sys.modules, "tensorrt", None if installed is None else SimpleNamespace(__version__=installed))
+    assert resolve_grid_sample() == resolve_grid_sample("auto") == choice
+    assert resolve_grid_sample("native") == "native" and resolve_grid_sample("decomposed") == "decomposed"
+
+
+def test_bench_exports_what_the_installed_tensorrt_builds(monkeypatch, tmp_path):
+    from sadtalker_rt import bench
+    from sadtalker_rt.build.export import onnx_export
+
+    calls = []
+    monkeypatch.setitem(sys.modules, "tensorrt", SimpleNamespace(__version__="10.13.3"))
+    monkeypatch.setattr(onnx_export, "export_graphs", lambda *args, **kwargs: calls.append(kwargs))
+    weights = SimpleNamespace(identity=lambda: "synthetic:0")
+    ctx = SimpleNamespace(config=SimpleNamespace(weights=weights, size=SIZE, engines_dir=None), work_dir=tmp_path,
+                          export_source=None, progress=lambda *a: None)
+    bench._graphs(ctx, "fp32")
+    assert calls and calls[0]["grid_sample"] == "decomposed"
+
+
+def test_capture_that_cannot_enqueue_falls_back_and_clears_the_error():
+    """execute_async_v3 may return False while capturing: the runner ends the capture, clears the CUDA error
+    and runs that binding with plain launches from then on."""
+    cuda = FakeCuda()
+    runner = fake_runner("mapping", cuda, cuda_graphs=True)
+    plain = runner.context.execute_async_v3
+
+    def refuses_while_capturing(stream):
+        return False if cuda.capture is not None else plain(stream)
+
+    runner.context.execute_async_v3 = refuses_while_capturing
+    kp_canonical = np.zeros((1, 15, 3), np.float32)
+    for seed in range(4):
+        semantics = targets(2, seed)
+        out = runner.infer({"kp_canonical": kp_canonical, "semantics": semantics})["kp"]
+        np.testing.assert_allclose(out, mapping_math(kp_canonical, semantics)["kp"], rtol=1e-6)
+    assert cuda.graph_launches == 0 and cuda.capture is None and cuda.errors_cleared == 1
+    assert "while capturing" in runner.capture_error and runner.context.runs == 4
+
+
+def test_cuda_graphs_reach_the_tensorrt_backend(fake_backend):
+    from sadtalker_rt.runtime.backends import open_backend
+    from sadtalker_rt.runtime.pipeline import TalkingHead
+
+    directory, cuda = fake_backend
+    backend = open_backend("tensorrt", engines=directory, cuda_graphs=True)
+    assert backend.cuda_graphs and backend.runner("mapping").cuda_graphs and backend.describe()["cuda_graphs"]
+    assert TalkingHead.from_engines(directory, backend="tensorrt", cuda_graphs=True).backend.cuda_graphs
+    assert not open_backend("tensorrt", engines=directory).cuda_graphs
+    with pytest.raises(UsageError, match="--cuda-graphs"):
+        open_backend("onnxruntime", engines=directory, cuda_graphs=True)
+
+
+# -- Polygraphy: the configuration its TensorRT loaders receive (TensorRT is absent here), parity through its
+# onnxruntime runner and statistics, the `polygraphy run` recipe --------------------------------------------
+TRT_POOLS = SimpleNamespace(__version__="10.8.0.43", MemoryPoolType=SimpleNamespace(WORKSPACE="WORKSPACE"))
+
+
+@pytest.fixture(scope="module")
+def graphs(tmp_path_factory):
+    return tiny_graphs(tmp_path_factory.mktemp("tiny"))
+
+
+def test_polygraphy_receives_the_stage_profile_strong_typing_tf32_off_and_the_timing_cache(graphs, tmp_path):
+    from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath
+
+    shapes = profile_shapes(STAGES["renderer"], SIZE)
+    cache = tmp_path / "timing.cache"
+    loader = polygraphy_loader(TRT_POOLS, graphs["renderer"], shapes, builder_settings(2.0), cache)
+    assert isinstance(loader, EngineBytesFromNetwork) and loader.timing_cache_path == str(cache)
+    network, config = loader._network, loader._config
+    assert isinstance(network, NetworkFromOnnxPath) and network.path == str(graphs["renderer"])
+    assert network.strongly_typed is True
+    assert isinstance(config, CreateConfig) and config.tf32 is False and config.fp16 is False
+    assert config.timing_cache_path == str(cache) and config.memory_pool_limits == {"WORKSPACE": 2 << 30}
+    (profile,) = config.profiles
+    assert set(profile) == {t.name for t in STAGES["renderer"].inputs}
+    kp = profile["kp_driving"]
+    assert [kp.min[0], kp.opt[0], kp.max[0]] == list(STAGES["renderer"].profile)
+    assert tuple(profile["feature_3d"].min) == tuple(profile["feature_3d"].max) == shapes["feature_3d"][0]
+
+
+def test_polygraphy_drives_a_tensorrt_shaped_module_as_intended(graphs, tmp_path):
+    """Polygraphy's real build path (loaders, config, timing cache) against a recording stand-in for the
+    TensorRT module, in a child process: the calls TensorRT would receive."""
+    code = ("import sys, tensorrt; from pathlib import Path; "
+            "from sadtalker_rt.build.tensorrt import PolygraphyEngineBuilder; "
+            "from sadtalker_rt.runtime.engine_plan import builder_settings, profile_shapes; "
+            "from sadtalker_rt.stages import STAGES; "
+            "builder = PolygraphyEngineBuilder(tensorrt, builder_settings(2.0), Path(sys.argv[2])); "
+            "print(builder.build(Path(sys.argv[1]), profile_shapes(STAGES['renderer'], 16)))")
+    stand_ins = Path(__file__).parent / "stand_ins"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(stand_ins), str(Path(__file__).parents[1])]),
+           "FAKE_TRT_CALLS": str(tmp_path / "calls.json")}
+    cache = tmp_path / "timing.cache"
+    runs = []
+    for _ in range(2):
+        out = subprocess.run([sys.executable, "-c", code, str(graphs["renderer"]), str(cache)], env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.strip().splitlines()[-1] == "b'serialized engine'"
+        runs.append((json.loads((tmp_path / "calls.json").read_text()), cache.read_bytes()))
+    calls = {c[0]: c[1:] for c in runs[0][0]}
+    assert calls["create_network"] == [1 << 1], "STRONGLY_TYPED, nothing else"
+    assert calls["parse_from_file"] == ["renderer.onnx"]
+    assert calls["clear_flag"] == ["BuilderFlag.TF32"] and "set_flag" not in calls
+    assert calls["set_memory_pool_limit"] == ["MemoryPoolType.WORKSPACE", 2 << 30]
+    shapes = profile_shapes(STAGES["renderer"], SIZE)
+    assert calls["add_optimization_profile"] == [{n: [list(s) for s in v] for n, v in shapes.items()}]
+    assert calls["build"] == [[], True], "built with no precision flags, TF32 cleared, strongly typed"
+    assert calls["set_timing_cache"] == ["", False] and runs[0][1] == b"timings", "a new cache, written after"
+    assert {c[0]: c[1:] for c in runs[1][0]}["set_timing_cache"][0] == "timings", "the next build reads it"
+    assert runs[1][1] == b"timings+timings", "and merges what it measured into it"
+
+
+def test_polygraphy_without_tensorrt_refuses_in_one_sentence(graphs, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    from polygraphy.backend.trt import loader as trt_loader
+
+    if getattr(trt_loader.trt, "module", None) is not None:
+        pytest.skip("Polygraphy already imported a TensorRT in this process")
+    builder = PolygraphyEngineBuilder(TRT_POOLS, builder_settings(), tmp_path / "timing.cache")
+    with pytest.raises(SadTalkerError) as err:
+        builder.build(graphs["mapping"], profile_shapes(STAGES["mapping"], SIZE))
+    message = str(err.value)
+    assert "TensorRT 10.8.0.43 could not build an engine from mapping.onnx" in message
+    assert "'tensorrt' is required" in message and "\n" not in message
+    assert not (tmp_path / "timing.cache").exists()
+
+
+def _perturbed(path: Path, out: Path, delta: float) -> Path:
+    """The graph with ``delta`` added to its output: a stand-in engine that computes something else."""
+    from onnx import TensorProto, helper
+
+    onnx = pytest.importorskip("onnx")
+    model = onnx.load(str(path))
+    graph = model.graph
+    name = graph.output[0].name
+    for node in graph.node:
+        node.output[:] = [f"{o}_exact" if o == name else o for o in node.output]
+    graph.node.append(helper.make_node("Constant", [], ["delta"],
+                                       value=helper.make_tensor("delta", TensorProto.FLOAT, [], [delta])))
+    graph.node.append(helper.make_node("Add", [f"{name}_exact", "delta"], [name]))
+    onnx.save(model, str(out))
+    return out
+
+
+def test_engine_parity_through_polygraphy_runners(graphs, tmp_path):
+    shapes = profile_shapes(STAGES["mapping"], SIZE)
+    same = polygraphy_check.onnxruntime_runner(graphs["mapping"], name="stand-in engine")
+    comparisons, passed = polygraphy_check.engine_parity("mapping", "fp32", graphs["mapping"], same, shapes)
+    assert passed and [c.name for c in comparisons] == ["kp"] and comparisons[0].max_abs == 0.0
+    off = polygraphy_check.onnxruntime_runner(_perturbed(graphs["mapping"], tmp_path / "off.onnx", 1e-2))
+    comparisons, passed = polygraphy_check.engine_parity("mapping", "fp32", graphs["mapping"], off, shapes)
+    assert not passed and comparisons[0].max_abs == pytest.approx(1e-2, rel=1e-3)
+    assert "max |diff|" in comparisons[0].problem
+
+
+def test_a_failing_engine_is_recorded_with_the_polygraphy_recipe(graphs, tmp_path):
+    onnx_dir = export_dir(tmp_path / "onnx", {"mapping": graphs["mapping"].read_bytes()})
+    off = _perturbed(graphs["mapping"], tmp_path / "off.onnx", 0.5)
+
+    def check(stage, precision, graph, engine, shapes):      # the engine bytes name the graph that stands in
+        runner = polygraphy_check.onnxruntime_runner(Path(engine.decode()))
+        return polygraphy_check.engine_parity(stage, precision, graph, runner, shapes)
+
+    manifest = json.loads((onnx_dir / MANIFEST).read_text())
+    result = run_builds(manifest, onnx_dir, tmp_path / "engines", PLATFORM, lambda graph, shapes: str(off).encode(),
+                        check=check)
+    entry = result.record["stages"]["mapping"]
+    assert entry["parity_passed"] is False and entry["parity"][0]["name"] == "kp"
+    command = result.parity_failures["mapping"]
+    assert command.startswith(f"polygraphy run {onnx_dir / 'mapping.onnx'} --onnxrt --trt --strongly-typed")
+    assert "--trt-max-shapes 'semantics:[32,70,27]'" in command and "--atol 0.0001 --rtol 0.0001" in command
+
+
+def test_the_polygraphy_recipe_runs_with_polygraphys_own_command_line(graphs):
+    command = polygraphy_check.polygraphy_command(graphs["mapping"], "mapping", "fp32",
+                                                  profile_shapes(STAGES["mapping"], SIZE))
+    args = shlex.split(command)
+    args[0] = str(Path(sys.executable).parent / "polygraphy")
+    if not Path(args[0]).exists():
+        pytest.skip("the polygraphy command line is not installed beside this Python")
+    out = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    text = out.stdout + out.stderr
+    assert "unrecognized arguments" not in text and "error:" not in text.lower().split("[e]")[0]
+    assert "onnxrt-runner" in text, "onnxruntime ran the graph at the given shapes"
+    assert "'tensorrt' is required" in text, "then the TensorRT runner asked for TensorRT (absent here)"
+
+
+def test_from_polygraphy_applies_the_scaled_bound_and_names_missing_outputs():
+    ref = {"a": np.array([100.0, 0.0], np.float32), "b": np.ones(2, np.float32)}
+    ours = {"a": ref["a"] + np.float32(5e-3), "c": np.ones(2, np.float32)}
+    stats = {"a": SimpleNamespace(max_absdiff=5e-3, mean_absdiff=5e-3)}
+    rows = {c.name: c for c in from_polygraphy(stats, ours, ref, atol=0.0, rtol=1e-4)}
+    assert rows["a"].passed and rows["a"].max_rel == pytest.approx(5e-5), "5e-3 <= 1e-4 * max|ref| = 1e-2"
+    assert not rows["b"].passed and "missing" in rows["b"].problem
+    assert not rows["c"].passed and "not a reference output" in rows["c"].problem
+    stats["a"] = SimpleNamespace(max_absdiff=float("nan"), mean_absdiff=float("nan"))
+    assert "non-finite" in from_polygraphy(stats, ours, ref)[0].problem
+
+
+def test_export_validation_goes_through_polygraphy(graphs):
+    """The export's validation (Polygraphy's onnxruntime runner against reference outputs) on an exported
+    graph: right references pass, wrong ones fail with the output and the shape named."""
+    from sadtalker_rt.build.export.onnx_export import validate_graph
+
+    stage = STAGES["renderer"]
+    features = avatar_features()
+    feeds = {"kp_driving": np.ones((2, 15, 3), np.float32),
+             **{k: features[k] for k in ("feature_3d", "source_compressed", "kp_source")}}
+
+    reference = renderer_math(**feeds)
+    model = graphs["renderer"].read_bytes()
+    rows, failures = validate_graph(model, stage, [("trace", feeds, reference)], "fp32")
+    assert failures == [] and rows[0]["output"] == "frames" and rows[0]["passed"]
+    assert rows[0]["method"].endswith("polygraphy") and rows[0]["max_rel"] <= 1e-5
+    wrong = {"frames": reference["frames"] + 0.1}
+    rows, failures = validate_graph(model, stage, [("trace", feeds, wrong)], "fp32")
+    assert not rows[0]["passed"] and failures == [f"renderer.frames at trace: relative error {rows[0]['max_rel']:.2e} "
+                                                  f"> 1e-04"]
 
 
 # -- on a GPU ------------------------------------------------------------------------------------------------

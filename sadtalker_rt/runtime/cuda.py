@@ -163,6 +163,10 @@ class Cuda:
             self.call(self.rt.cudaGraphDestroy, graph)
         return Handle(executable, self.rt.cudaGraphExecDestroy)
 
+    def clear_error(self) -> None:
+        """Reset the last CUDA error of this thread (cudaGetLastError), e.g. after a failed capture."""
+        self.rt.cudaGetLastError()
+
     def launch_graph(self, graph: Handle, stream: Handle) -> None:
         self.call(self.rt.cudaGraphLaunch, graph.raw, stream.raw)
 

@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .. import __version__
@@ -23,6 +23,7 @@ ENGINES_JSON = "engines.json"
 FORMAT = "sadtalker-rt/engines-1"
 NATIVE_GRID_SAMPLE_FROM = (11, 2)       # TensorRT release notes: rank-5 GridSample from 11.2; 4-D only before
 PLATFORM_FIELDS = ("gpu_name", "compute_capability", "trt_version")
+DEFAULT_WORKSPACE_GIB = 4.0
 
 Shape = tuple[int, ...]
 ProfileShapes = dict[str, tuple[Shape, Shape, Shape]]   # input name -> (min, opt, max)
@@ -52,13 +53,29 @@ def check_grid_sample(exported: str | None, trt_version: str, onnx_dir: Path | s
                            f"`sadtalker-rt export --grid-sample decomposed`.")
 
 
-def profile_shapes(stage: Stage, size: int, max_batch: int, opt_batch: int) -> ProfileShapes:
-    """Min/opt/max shape of every input: BATCH from 1 to ``max_batch``, FRAMES from the stage table, static fixed."""
-    if not 1 <= opt_batch <= max_batch:
-        raise UsageError(f"batch sizes must satisfy 1 <= opt ({opt_batch}) <= max ({max_batch}).")
+def profile_shapes(stage: Stage, size: int, max_batch: int | None = None,
+                   opt_batch: int | None = None) -> ProfileShapes:
+    """Min/opt/max shape of every input from the stage table's ``profile`` of its dynamic axis; static inputs fixed.
+
+    ``max_batch`` / ``opt_batch`` override the table's max / opt of the BATCH axis (``--max-batch``); the
+    opt is lowered to the max where it would exceed it. The FRAMES axis always follows the table.
+    """
     lo, opt, hi = stage.profile
-    points = ({BATCH: 1, FRAMES: lo}, {BATCH: opt_batch, FRAMES: opt}, {BATCH: max_batch, FRAMES: hi})
+    batch_hi = hi if max_batch is None else max_batch
+    batch_opt = min(opt, batch_hi) if opt_batch is None else opt_batch
+    if not 1 <= batch_opt <= batch_hi:
+        raise UsageError(f"batch sizes must satisfy 1 <= opt ({batch_opt}) <= max ({batch_hi}).")
+    points = ({BATCH: 1, FRAMES: lo}, {BATCH: batch_opt, FRAMES: opt}, {BATCH: batch_hi, FRAMES: hi})
     return {t.name: tuple(t.resolve(size, **axes) for axes in points) for t in stage.inputs}
+
+
+def builder_settings(workspace_gib: float = DEFAULT_WORKSPACE_GIB) -> dict:
+    """The builder configuration an engine depends on besides its graph and profile: part of its key.
+
+    Networks are strongly typed (precision comes from the graph; TensorRT 11 knows no other way) and TF32
+    is off, so FP32 layers compute in FP32 (TensorRT enables TF32 by default).
+    """
+    return {"strongly_typed": True, "tf32": False, "workspace_gib": float(workspace_gib)}
 
 
 def _canonical_profile(profile: ProfileShapes | dict) -> dict[str, list[list[int]]]:
@@ -76,21 +93,23 @@ class EngineKey:
     trt_version: str
     gpu_name: str
     compute_capability: str        # "8.6"
+    builder: dict = field(default_factory=builder_settings)
 
     def fields(self) -> dict:
         return {**asdict(self), "profile": _canonical_profile(self.profile)}
 
     def digest(self) -> str:
         return cache_key(self.graph_sha256, self.stage, self.precision, self.profile, self.trt_version,
-                         self.gpu_name, self.compute_capability)
+                         self.gpu_name, self.compute_capability, self.builder)
 
 
 def cache_key(graph_sha256: str, stage: str, precision: str, profile_shapes: ProfileShapes | dict, trt_version: str,
-              gpu_name: str, compute_capability: str) -> str:
+              gpu_name: str, compute_capability: str, builder: dict | None = None) -> str:
     """sha256 of the canonical JSON of the key fields (sorted keys, no whitespace, shapes as lists)."""
     fields = {"format": FORMAT, "graph_sha256": graph_sha256, "stage": stage, "precision": precision,
               "profile": _canonical_profile(profile_shapes), "trt_version": trt_version, "gpu_name": gpu_name,
-              "compute_capability": str(compute_capability)}
+              "compute_capability": str(compute_capability),
+              "builder": builder if builder is not None else builder_settings()}
     return hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
@@ -130,6 +149,8 @@ def check_engine(record: dict, current: EngineKey | dict) -> str | None:
             return False
         if field == "profile":
             return _canonical_profile(record.get("profile", {})) != now["profile"]
+        if field == "builder":
+            return record.get("builder") != now["builder"]
         return str(record.get(field)) != str(now[field])
 
     if differs("gpu_name") or differs("compute_capability"):
@@ -147,7 +168,14 @@ def check_engine(record: dict, current: EngineKey | dict) -> str | None:
         return f"it was built from a {record.get('precision')} graph and the graph now is {now['precision']}"
     if differs("profile"):
         return f"its optimization profile differs ({_profile_difference(record.get('profile', {}), now['profile'])})"
+    if differs("builder"):
+        return f"its builder settings differ ({_settings_difference(record.get('builder') or {}, now['builder'])})"
     return None
+
+
+def _settings_difference(built: dict, wanted: dict) -> str:
+    changed = [k for k in sorted(set(built) | set(wanted)) if built.get(k) != wanted.get(k)]
+    return "; ".join(f"{k} {built.get(k, 'unrecorded')} then, {wanted.get(k)} now" for k in changed)
 
 
 def engine_file_problem(directory: Path, record: dict) -> str | None:

@@ -142,10 +142,11 @@ class TalkingHead:
                                      parse=enhancer_weights.has("parsenet"))
 
     @classmethod
-    def from_engines(cls, engines: Path, backend: str = "onnxruntime", device: str = "cpu") -> "TalkingHead":
+    def from_engines(cls, engines: Path, backend: str = "onnxruntime", device: str = "cpu",
+                     cuda_graphs: bool = False) -> "TalkingHead":
         from .backends import open_backend
 
-        opened = open_backend(backend, engines=Path(engines), device=device)
+        opened = open_backend(backend, engines=Path(engines), device=device, cuda_graphs=cuda_graphs)
         return cls(opened, opened.size)
 
     def infer(self, stage: str, **feeds: np.ndarray) -> dict[str, np.ndarray]:

@@ -68,13 +68,15 @@ def open_backend(name: str, *, weights=None, engines: Path | None = None, size: 
             raise UsageError("--backend onnxruntime needs --engines DIR (made by `sadtalker-rt export`).")
         from .onnxruntime_backend import OnnxRuntimeBackend
 
+        if cuda_graphs:
+            raise UsageError("--cuda-graphs is for --backend torch (on cuda) and --backend tensorrt.")
         return OnnxRuntimeBackend(engines, size=size, device=device)
     if name == "tensorrt":
         if engines is None:
             raise UsageError("--backend tensorrt needs --engines DIR (made by `sadtalker-rt build`).")
         from .tensorrt_backend import TensorRTBackend
 
-        return TensorRTBackend(engines, size=size)
+        return TensorRTBackend(engines, size=size, cuda_graphs=cuda_graphs)
     raise UsageError(f"--backend must be one of {', '.join(BACKENDS)}, not '{name}'.")
 
 

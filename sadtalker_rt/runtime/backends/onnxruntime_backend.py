@@ -9,23 +9,46 @@ from pathlib import Path
 
 import numpy as np
 
-from ...errors import EnvironmentProblem, WeightsError
+from ...errors import EnvironmentProblem, UsageError, WeightsError
 from ...stages import STAGES
 from . import SerialBackend, check_feeds
 from ..manifest import load_manifest, verified_path
 
 
+DEVICES = {       # --device -> execution providers, in onnxruntime's order of preference
+    "cpu": ("CPUExecutionProvider",),
+    "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
+    "tensorrt": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
+}
+GPU_GRID_SAMPLE_5D_FROM = (1, 25)     # onnxruntime-gpu runs 5-D GridSample on the GPU (float32) from 1.25.0
+
+
+def providers_for(device: str, available: list[str]) -> list[str]:
+    """The execution providers for ``--device``; refuse where this onnxruntime build lacks one of them."""
+    if device not in DEVICES:
+        raise UsageError(f"--device must be one of {', '.join(DEVICES)} for --backend onnxruntime, not '{device}'.")
+    wanted = list(DEVICES[device])
+    missing = [p for p in wanted if p not in available]
+    if missing:
+        raise EnvironmentProblem(f"--device {device} needs onnxruntime's {' and '.join(missing)}, which this "
+                                 f"onnxruntime build lacks (it offers {', '.join(available)}); "
+                                 f"pip install 'sadtalker-rt[gpu]' (onnxruntime-gpu) instead of onnxruntime.")
+    return wanted
+
+
 def _providers(device: str) -> list[str]:
     import onnxruntime as ort
 
-    available = ort.get_available_providers()
-    if device == "cpu":
-        return ["CPUExecutionProvider"]
-    wanted = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in available]
-    if not wanted:
-        raise EnvironmentProblem(f"--device {device} needs onnxruntime-gpu; this onnxruntime offers "
-                                 f"{', '.join(available)} (pip install onnxruntime-gpu).")
-    return wanted + ["CPUExecutionProvider"]
+    return providers_for(device, list(ort.get_available_providers()))
+
+
+def grid_sample_note(version: str, device: str) -> str | None:
+    """onnxruntime-gpu before 1.25 runs 5-D GridSample on the CPU (silently, copying the volume each call)."""
+    numbers = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
+    if device != "cpu" and numbers < GPU_GRID_SAMPLE_5D_FROM:
+        return (f"onnxruntime {version} runs the renderer's 5-D GridSample on the CPU; onnxruntime-gpu 1.25.0 "
+                f"or later runs it on the GPU (float32)")
+    return None
 
 
 class OnnxRuntimeRunner:
@@ -39,6 +62,10 @@ class OnnxRuntimeRunner:
             self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as err:  # onnxruntime raises its own exception types per build
             raise WeightsError(f"{path} could not be loaded by onnxruntime ({str(err).splitlines()[0][:200]}).") from None
+        if providers[0] not in self.session.get_providers():       # onnxruntime falls back silently
+            raise EnvironmentProblem(f"onnxruntime could not start its {providers[0]} for {path.name} (it runs "
+                                     f"{', '.join(self.session.get_providers())}); check the CUDA, cuDNN and "
+                                     f"TensorRT libraries that onnxruntime-gpu needs.")
         names = {i.name for i in self.session.get_inputs()}
         expected = {t.name for t in self.stage.inputs}
         if names != expected:
@@ -72,6 +99,11 @@ class OnnxRuntimeBackend(SerialBackend):
         self._runners: dict[str, OnnxRuntimeRunner] = {}
         weights = self.manifest.get("weights", {})
         self.notes = [f"graphs exported from {weights.get('description', 'unknown weights')}"]
+        import onnxruntime as ort
+
+        note = grid_sample_note(ort.__version__, device)
+        if note:
+            self.notes.append(note)
 
     def runner(self, stage: str) -> OnnxRuntimeRunner:
         if stage not in self._runners:

@@ -125,19 +125,31 @@ class TensorRTRunner:
             self._graphs[binding] = _WARMED
             return
         if graph is _WARMED:
-            self.cuda.begin_capture(stream)
-            try:
-                self._run(stream)
-            finally:
-                try:
-                    graph = self.cuda.end_capture(stream)
-                except RuntimeError as err:     # the capture was invalidated: nothing ran, so run it plainly
-                    graph = self.capture_error = str(err)
+            graph = self._capture(stream)
             self._graphs[binding] = graph
         if isinstance(graph, str):
             self._run(stream)
         else:
             self.cuda.launch_graph(graph, stream)
+
+    def _capture(self, stream):
+        """A CUDA graph of one run, or the reason it could not be captured (then this binding runs plainly).
+        While capturing nothing executes, so a failed capture leaves nothing half done; the capture is always
+        ended and the CUDA error it left behind is cleared, or the next call would report it."""
+        self.cuda.begin_capture(stream)
+        launched = self.context.execute_async_v3(int(stream))
+        try:
+            graph = self.cuda.end_capture(stream)
+        except RuntimeError as err:         # e.g. cudaErrorStreamCaptureInvalidated
+            graph = None
+            self.capture_error = str(err)
+        if not launched:
+            self.capture_error = f"TensorRT could not enqueue the {self.stage.name} engine while capturing"
+            graph = None
+        if graph is None:
+            self.cuda.clear_error()
+            return self.capture_error
+        return graph
 
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         outputs = self.enqueue(feeds, self.stream)
