@@ -170,7 +170,7 @@ def export(
         psnr = min((r["psnr_db"] for r in entry["parity"] if "psnr_db" in r), default=None)
         extra = f"  PSNR {psnr:.1f} dB" if psnr is not None else ""
         islands = f"  {len(entry['fp32_islands'])} FP32 islands" if entry["fp32_islands"] else ""
-        typer.echo(f"{name:<24}{entry["precision"]:<6}max rel err {worst:.2e}{extra}{islands}")
+        typer.echo(f"{name:<24}{entry['precision']:<6}max rel err {worst:.2e}{extra}{islands}")
     typer.echo(f"wrote {len(manifest['stages'])} graphs and manifest.json to {output} ({weights.describe()})")
 
 
