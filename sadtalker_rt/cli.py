@@ -5,6 +5,7 @@ problem (see ``sadtalker_rt.errors``); ``--debug`` shows the traceback instead.
 """
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Optional
@@ -19,6 +20,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 SYNTHETIC_HELP = "use synthetic weights (optionally from SEED, default 0) instead of official checkpoints"
 CHECKPOINTS_HELP = "directory with the official SadTalker checkpoints"
+DEGREES_HELP = ("free view: {} in integer degrees (-90..90), one value or a list (0,30,-20 or 0 30 -20) "
+                "interpolated over the video, replacing the generated one")
+FREE_VIEW_OPTIONS = ("--input-yaw", "--input-pitch", "--input-roll")
 
 
 @app.callback()
@@ -99,17 +103,26 @@ def run(
     enhancer_weights: Optional[Path] = typer.Option(None, "--enhancer-weights", help="GFPGANv1.4.pth, or the folder "
                                                     "with it and parsing_parsenet.pth (default: gfpgan/weights "
                                                     "beside --checkpoints)"),
+    input_yaw: Optional[list[str]] = typer.Option(None, "--input-yaw", help=DEGREES_HELP.format("yaw")),
+    input_pitch: Optional[list[str]] = typer.Option(None, "--input-pitch", help=DEGREES_HELP.format("pitch")),
+    input_roll: Optional[list[str]] = typer.Option(None, "--input-roll", help=DEGREES_HELP.format("roll")),
+    ref_eyeblink: Optional[Path] = typer.Option(None, "--ref-eyeblink", help="video whose expression (blinks "
+                                                "included) replaces the photo's as the expression reference"),
+    ref_pose: Optional[Path] = typer.Option(None, "--ref-pose", help="video whose head motion is added to the "
+                                            "generated head pose"),
 ) -> None:
-    """Animate IMAGE with AUDIO into an mp4 (H.264 + AAC, 25 fps)."""
+    """Animate IMAGE (a photo, or a video: its first frame) with AUDIO into an mp4 (H.264 + AAC, 25 fps)."""
     import time
 
     from .runtime.pipeline import Options, TalkingHead
     from .progress import StageBars
 
     options = Options(pose_style=pose_style, expression_scale=expression_scale, still=still, seed=seed,
-                      batch_size=batch_size, duration=duration, enhancer=enhancer, enhancer_noise=enhancer_noise)
+                      batch_size=batch_size, duration=duration, enhancer=enhancer, enhancer_noise=enhancer_noise,
+                      input_yaw=input_yaw, input_pitch=input_pitch, input_roll=input_roll, ref_eyeblink=ref_eyeblink,
+                      ref_pose=ref_pose)
     options.validate()
-    photo, wav = _load_run_inputs(image, audio, output, overwrite)
+    photo, wav = _load_run_inputs(image, audio, output, overwrite, (ref_eyeblink, ref_pose))
     choice = BackendChoice(backend, device, precision, cuda_graphs, graphs, engines)
     choice.check()
     bars = StageBars(None if not quiet else False)
@@ -123,7 +136,8 @@ def run(
     avatar = head.prepare_avatar(photo, preprocess, name=str(image))
     for line in avatar.notes:
         typer.echo(f"note: {line}", err=True)
-    head.write_video(avatar, wav, output, options, overwrite=overwrite, progress=bars, audio_name=str(audio))
+    head.write_video(avatar, wav, output, options, overwrite=overwrite, progress=bars, audio_name=str(audio),
+                     on_note=lambda line: typer.echo(f"note: {line}", err=True))
     bars.close()
     typer.echo(f"wrote {output} in {time.perf_counter() - start:.1f} s")
 
@@ -159,7 +173,7 @@ def export(
         psnr = min((r["psnr_db"] for r in entry["parity"] if "psnr_db" in r), default=None)
         extra = f"  PSNR {psnr:.1f} dB" if psnr is not None else ""
         islands = f"  {len(entry['fp32_islands'])} FP32 islands" if entry["fp32_islands"] else ""
-        typer.echo(f"{name:<16}{entry['precision']:<6}max rel err {worst:.2e}{extra}{islands}")
+        typer.echo(f"{name:<24}{entry['precision']:<6}max rel err {worst:.2e}{extra}{islands}")
     typer.echo(f"wrote {len(manifest['stages'])} graphs and manifest.json to {output} ({weights.describe()})")
 
 
@@ -301,13 +315,18 @@ def _enhancer_weights(enhancer: Optional[str], location: Optional[Path], checkpo
     return weights
 
 
-def _load_run_inputs(image: Path, audio: Path, output: Path, overwrite: bool):
-    """Decode both inputs and check the output location before any model loads; returns (photo, wav)."""
+def _load_run_inputs(image: Path, audio: Path, output: Path, overwrite: bool, references: tuple = ()):
+    """Decode both inputs (and the first frame of each reference video) and check the output location
+    before any model loads; returns (photo, wav)."""
     from . import media
     from .errors import OutputError
+    from .media.video_input import first_video_frame
 
     photo, wav = media.load_image(image), media.load_audio(audio)
-    for source in (image, audio):
+    references = [r for r in references if r is not None]
+    for reference in references:
+        first_video_frame(reference)
+    for source in (image, audio, *references):
         if output.exists() and output.resolve() == source.resolve():
             raise OutputError(f"{output} is an input of this run; choose another output.")
     media.check_output_path(output, overwrite)
@@ -315,10 +334,16 @@ def _load_run_inputs(image: Path, audio: Path, output: Path, overwrite: bool):
 
 
 def _normalize_argv(argv: list[str]) -> list[str]:
-    """``--synthetic-weights`` takes an optional seed (a bare flag means seed 0); ``--debug`` may stand anywhere."""
+    """``--synthetic-weights`` takes an optional seed (a bare flag means seed 0); ``--debug`` may stand anywhere;
+    ``--input-yaw/pitch/roll`` take one or more integers."""
     out = ["--debug"] if "--debug" in argv else []
     argv = [a for a in argv if a != "--debug"]
+    joining = False             # the official spelling `--input-yaw 0 30 -20`: later integers join the first value
     for i, arg in enumerate(argv):
+        if joining and re.fullmatch(r"[+-]?\d+", arg):
+            out[-1] += f",{arg}"
+            continue
+        joining = i > 0 and argv[i - 1] in FREE_VIEW_OPTIONS
         if arg == "--synthetic-weights":
             nxt = argv[i + 1] if i + 1 < len(argv) else None
             if nxt is None or not nxt.lstrip("-").isdigit():

@@ -40,7 +40,7 @@ class Tensor:
     name: str
     shape: tuple
     dtype: str = "float32"
-    kind: str = "value"         # image | keypoints | semantics | mels | class | value
+    kind: str = "value"         # image | keypoints | semantics | mels | class | degrees | mask | value
     source: str = ""            # "stage.output" that feeds this input; "" for host inputs
 
     def resolve(self, size: int, **axes: int) -> tuple[int, ...]:
@@ -120,6 +120,19 @@ STAGES: dict[str, Stage] = {
         fp32_reason=_MAPPING_FP32,
         profile=(1, 4, 32),
     ),
+    # The mapping stages with free-view head pose (--input-yaw/pitch/roll): ``angles`` holds (yaw, pitch, roll)
+    # in degrees per frame; where ``angle_given`` is 1 that angle replaces the one MappingNet predicts.
+    # Stages of their own, so the default graphs stay as they are.
+    **{f"{name}_free_view": Stage(
+        f"{name}_free_view", "frame",
+        inputs=(Tensor("kp_canonical", (1, 15, 3), kind="keypoints", source="kp_detector.kp_canonical"),
+                Tensor("semantics", (BATCH, channels, SEMANTIC_WINDOW), kind="semantics"),
+                Tensor("angles", (BATCH, 3), kind="degrees"), Tensor("angle_given", (1, 3), kind="mask")),
+        outputs=(Tensor("kp", (BATCH, 15, 3), kind="keypoints"),),
+        subnetworks=(name,),
+        fp32_reason=_MAPPING_FP32,
+        profile=(1, 4, 32),
+    ) for name, channels in (("mapping", COEFFS), ("mapping_full", FULL_COEFFS))},
     # Dense motion, two 5-D grid samples, occlusion, SPADE decoder: the hot path.
     "renderer": Stage(
         "renderer", "frame",
@@ -187,9 +200,11 @@ def is_full(preprocess: str) -> bool:
     return preprocess in FULL_MODES
 
 
-def mapping_stage(preprocess: str) -> str:
-    """Full modes drive the renderer with 73 coefficients (the crop parameters included), others with 70."""
-    return "mapping_full" if is_full(preprocess) else "mapping"
+def mapping_stage(preprocess: str, free_view: bool = False) -> str:
+    """Full modes drive the renderer with 73 coefficients (the crop parameters included), others with 70;
+    free view (given head angles) has a stage of its own."""
+    name = "mapping_full" if is_full(preprocess) else "mapping"
+    return f"{name}_free_view" if free_view else name
 
 
 def upstream(tensor: Tensor) -> tuple[str, str] | None:

@@ -3,7 +3,7 @@
 A cases directory holds ``manifest/<stage>.json`` (official key names and shapes),
 ``cases/index.json`` and ``cases/<stage>__<case>.npz`` (arrays ``in.<name>`` and ``out.<name>``).
 Weights are synthesized from the manifest keys and handed to the same loader that reads official
-checkpoints. Each stage's runner lives with its group: ``audio``, ``render``, ``preprocess``, ``enhancer``.
+checkpoints. Each stage's runner lives with its group: ``audio``, ``render``, ``preprocess``, ``enhancer``, ``options``.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ MANIFEST_SUBNETWORK = {
     "parsenet": "parsenet",
 }
 
-RUNNER_GROUPS = ("audio", "render", "preprocess", "enhancer")
+RUNNER_GROUPS = ("audio", "render", "preprocess", "enhancer", "options")
 RTOL = 1e-4                     # README: max|ours - ref| <= 1e-4 * max(1, max|ref|)
 RESAMPLED_IMAGES = {"aligned", "face", "ext_face",   # uint8 images: within 1 grey level
                     "cropped", "restored", "pasted", "output"}

@@ -102,7 +102,19 @@ def load_image(path: PathLike) -> np.ndarray:
     except Image.DecompressionBombError:
         raise InputError(f"Image file '{path}' is larger than the {MAX_IMAGE_PIXELS // 1_000_000}-megapixel limit.") from None
     except UnidentifiedImageError:
-        raise InputError(f"Image file '{path}' is not an image format that can be read, or is corrupt.") from None
+        pass
+    return _video_as_photo(path)
+
+
+def _video_as_photo(path: Path) -> np.ndarray:
+    """A source that is a video: its first frame is the photo (as officially)."""
+    from .video_input import first_video_frame
+
+    try:
+        return first_video_frame(path, kind="Image")
+    except InputError:
+        raise InputError(f"Image file '{path}' is not an image format that can be read (nor a video), "
+                         "or is corrupt.") from None
     except (OSError, SyntaxError, ValueError, EOFError) as err:
         # Pillow reports truncated and damaged data as OSError, SyntaxError or ValueError.
         raise InputError(f"Image file '{path}' is truncated or corrupt ({_one_line(err)}).") from None

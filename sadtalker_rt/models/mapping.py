@@ -92,6 +92,23 @@ def keypoint_transformation(kp_canonical: torch.Tensor, yaw: torch.Tensor, pitch
     return kp_rotated + t_y_only.unsqueeze(1) + exp.reshape(-1, kp_canonical.shape[1], 3)
 
 
+def given_angles(yaw: torch.Tensor, pitch: torch.Tensor, roll: torch.Tensor, angles: torch.Tensor,
+                 angle_given: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Free view as a graph can take it: ``angles`` (B, 3) yaw, pitch, roll in degrees replace the predicted
+    angles where ``angle_given`` (1, 3) is 1, exactly (a select, not a blend)."""
+    names = ("yaw_in", "pitch_in", "roll_in")
+    return {name: torch.where(angle_given[:, i] > 0.5, angles[:, i], headpose_to_degrees(logits))
+            for i, (name, logits) in enumerate(zip(names, (yaw, pitch, roll)))}
+
+
+def keypoint_transformation_free_view(kp_canonical: torch.Tensor, yaw: torch.Tensor, pitch: torch.Tensor,
+                                      roll: torch.Tensor, t: torch.Tensor, exp: torch.Tensor, angles: torch.Tensor,
+                                      angle_given: torch.Tensor) -> torch.Tensor:
+    """``keypoint_transformation`` with the official ``yaw_in`` / ``pitch_in`` / ``roll_in`` of free view."""
+    return keypoint_transformation(kp_canonical, yaw, pitch, roll, t, exp,
+                                   **given_angles(yaw, pitch, roll, angles, angle_given))
+
+
 class MappingWithTransform(nn.Module):
     """The per-frame mapping stage: (kp_canonical (B, K, 3), semantics (B, C, 27)) -> kp (B, K, 3)."""
 

@@ -13,7 +13,7 @@ from torch import nn
 from ..stages import STAGES
 from .audio2pose import PoseDecoderStage
 from .generator import FrameRenderer, SourceEncoder
-from .mapping import MappingWithTransform
+from .mapping import MappingWithTransform, keypoint_transformation_free_view
 
 
 class Face3dReconStage(nn.Module):
@@ -52,6 +52,19 @@ class MappingStage(nn.Module):
 
     def forward(self, kp_canonical: torch.Tensor, semantics: torch.Tensor) -> torch.Tensor:
         return self.mapping(kp_canonical.expand(semantics.shape[0], -1, -1), semantics)
+
+
+class MappingFreeViewStage(nn.Module):
+    """The mapping stage with given head angles (free view); see ``stages.STAGES['mapping_free_view']``."""
+
+    def __init__(self, mapping):
+        super().__init__()
+        self.mapping = mapping
+
+    def forward(self, kp_canonical: torch.Tensor, semantics: torch.Tensor, angles: torch.Tensor,
+                angle_given: torch.Tensor) -> torch.Tensor:
+        kp = kp_canonical.expand(semantics.shape[0], -1, -1)
+        return keypoint_transformation_free_view(kp, *self.mapping(semantics), angles, angle_given)
 
 
 class RendererStage(nn.Module):
@@ -113,6 +126,8 @@ STAGE_MODULES = {
     "source_encoder": SourceEncoderStage,
     "mapping": MappingStage,
     "mapping_full": MappingStage,
+    "mapping_free_view": MappingFreeViewStage,
+    "mapping_full_free_view": MappingFreeViewStage,
     "renderer": RendererStage,
     "audio2exp": Audio2ExpStage,
     "audio2pose": Audio2PoseStage,

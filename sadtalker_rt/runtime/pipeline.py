@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Union
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
@@ -27,6 +27,7 @@ AUDIO_CHUNK = 500              # frames per ExpNet call (20 s of audio)
 Progress = Callable[[str, int, int], None]   # (stage, done, total)
 ImageLike = Union[str, Path, np.ndarray]
 AudioLike = Union[str, Path, np.ndarray]
+ReferenceLike = Union[str, Path, np.ndarray]     # a video file, or its (N, 73) coefficients (TalkingHead.reference)
 
 
 @dataclass
@@ -41,11 +42,33 @@ class Options:
     duration: Optional[float] = None   # seconds of audio to use (None: all)
     enhancer: Optional[str] = None     # "gfpgan": restore the face, video at twice the size
     enhancer_noise: str = "fixed"      # GFPGAN decoder noise: fixed, seeded or fresh (sadtalker_rt.enhancer)
+    # Free view: integer degrees in -90..90 that replace the driving head angle, interpolated over the video.
+    input_yaw: Optional[Sequence[int]] = None
+    input_pitch: Optional[Sequence[int]] = None
+    input_roll: Optional[Sequence[int]] = None
+    ref_eyeblink: Optional[ReferenceLike] = None   # a video whose expression (blinks included) drives ExpNet's reference
+    ref_pose: Optional[ReferenceLike] = None       # a video whose head motion is added to the generated pose
+
+    def free_view(self):
+        from .overrides import FreeView, parse_degrees
+
+        return FreeView(*(parse_degrees(values, f"--input-{name}") for name, values in
+                          (("yaw", self.input_yaw), ("pitch", self.input_pitch), ("roll", self.input_roll))))
 
     def validate(self) -> None:
         from .enhancer import check_enhancer
 
         check_enhancer(self.enhancer, self.enhancer_noise)
+        self.free_view()
+        for option, reference in (("--ref-eyeblink", self.ref_eyeblink), ("--ref-pose", self.ref_pose)):
+            if isinstance(reference, np.ndarray):
+                if reference.ndim != 2 or len(reference) == 0 or reference.shape[1] < COEFFS \
+                        or not np.isfinite(reference).all():
+                    raise UsageError(f"{option} coefficients must be a finite (N, 73) array, not {reference.shape}.")
+            elif reference is not None:
+                from ..media.video_input import require_video_file
+
+                require_video_file(reference, option)
         if not 0 <= self.pose_style <= 45:
             raise UsageError(f"--pose-style must be in 0..45, not {self.pose_style}.")
         if self.batch_size < 1:
@@ -96,6 +119,7 @@ class Motion:
     coeffs: np.ndarray                 # (T, 70): expression 64, pose 6
     wav: np.ndarray                    # 16 kHz mono float32, cut to T frames
     windows: object                    # audio.MelWindows: (T, 80, 16) mel windows, sliced lazily
+    notes: list = field(default_factory=list)   # lines for the user about the reference videos
 
     @property
     def frames(self) -> int:
@@ -200,10 +224,12 @@ class TalkingHead:
 
     # -- once per utterance ---------------------------------------------------------------------
     def motion(self, avatar: Avatar, audio: AudioLike, options: Options = Options(),
-               progress: Progress = _noop, name: Optional[str] = None) -> Motion:
+               progress: Progress = _noop, name: Optional[str] = None,
+               on_note: Callable[[str], None] = lambda line: None) -> Motion:
+        """``on_note`` hears each line worth telling the user (frames of a reference video without a face)."""
         from .. import media
         from . import audio_features
-        from . import coeffs
+        from . import coeffs, overrides
 
         options.validate()
         wav = media.load_audio(audio, SAMPLE_RATE) if not isinstance(audio, np.ndarray) else audio.astype(np.float32)
@@ -216,18 +242,59 @@ class TalkingHead:
                              f"video frame ({len(wav)} samples at 16 kHz, {len(wav) / 16:.1f} ms < 40 ms).")
         wav = wav[: frames * SAMPLES_PER_FRAME]
         windows = audio_features.MelWindows(audio_features.melspectrogram(wav), frames)
+        notes: list[str] = []
+        references = self._references(avatar, options, frames, progress, notes, on_note)
         rng = np.random.default_rng(options.seed)
         blink = coeffs.blink_sequence(frames, rng).astype(np.float32)            # (T, 1)
-        ref = avatar.source_coeffs[0, :COEFFS].astype(np.float32)
+        ref, blink = overrides.expression_inputs(avatar.source_coeffs, blink, references.get("ref_eyeblink"))
         exp = np.empty((frames, EXPRESSION.stop), np.float32)
         # Frames are independent in ExpNet; chunks keep activation memory bounded on long audio.
         for start in range(0, frames, AUDIO_CHUNK):
             stop = min(start + AUDIO_CHUNK, frames)
             exp[start:stop] = self.infer("audio2exp", indiv_mels=windows[start:stop][:, None].astype(np.float32),
-                                         ref_exp=np.tile(ref[:64], (stop - start, 1)), blink=blink[start:stop])["exp"]
+                                         ref_exp=ref[start:stop, EXPRESSION], blink=blink[start:stop])["exp"]
             progress("audio2exp", stop, frames)
-        pose = coeffs.smooth_pose(self._pose(windows, ref[POSE], options, rng, progress))
-        return Motion(np.concatenate([exp, pose], axis=1).astype(np.float32), wav, windows)
+        pose = coeffs.smooth_pose(self._pose(windows, ref[0, POSE], options, rng, progress))
+        return Motion(overrides.motion_coeffs(exp, pose, references.get("ref_pose")), wav, windows, notes)
+
+    def _references(self, avatar: Avatar, options: Options, frames: int, progress: Progress, notes: list,
+                    on_note: Callable[[str], None]) -> dict[str, np.ndarray]:
+        """The (N, 73) coefficients of each reference video, of its first ``frames`` frames; a file given
+        for both options is read once."""
+        found: dict[str, np.ndarray] = {}
+        by_file: dict[str, np.ndarray] = {}
+        for option in ("ref_eyeblink", "ref_pose"):
+            reference = getattr(options, option)
+            if reference is None or isinstance(reference, np.ndarray):
+                if reference is not None:
+                    found[option] = reference
+                continue
+            key = str(Path(reference).resolve())
+            if key not in by_file:
+                result = self.reference(reference, avatar.preprocess, max_frames=frames, progress=progress)
+                for line in result.notes:
+                    notes.append(line)
+                    on_note(line)
+                by_file[key] = result.coeffs
+            found[option] = by_file[key]
+        return found
+
+    def reference(self, video: Union[str, Path], preprocess: str = "crop", max_frames: Optional[int] = None,
+                  progress: Progress = _noop):
+        """A reference video's per-frame coefficients (``reference_video.ReferenceCoeffs``), prepared like the
+        source photo through this backend's face3d_recon stage; ``max_frames`` limits the frames decoded."""
+        from ..media.video_input import iter_video_frames
+        from .reference_video import reference_coeffs
+
+        def frames():
+            for index, frame in enumerate(iter_video_frames(video, max_frames)):
+                yield frame
+                progress("reference video", index + 1, max_frames or index + 1)
+
+        def regress(aligned: np.ndarray) -> np.ndarray:
+            return self.infer("face3d_recon", aligned_image=aligned)["coeffs"]
+
+        return reference_coeffs(frames(), preprocess, self.size, regress, str(video))
 
     def _pose(self, windows, ref_pose: np.ndarray, options: Options, rng: np.random.Generator,
               progress: Progress) -> np.ndarray:
@@ -258,11 +325,16 @@ class TalkingHead:
                                  still=options.still, expression_scale=options.expression_scale)
         compositor = Compositor(avatar)
         enhance = self._enhancer_for(avatar, compositor, options)
-        pipeline = FramePipeline(self.backend.executor(), avatar.features, self.size, options.batch_size,
-                                 mapping=mapping_stage(avatar.preprocess))
+        view = options.free_view()
+        features, per_frame = avatar.features, None
+        if view.active:         # given head angles: the free-view mapping stage takes them per frame
+            angles, angle_given = view.angles(motion.frames)
+            features, per_frame = {**avatar.features, "angle_given": angle_given}, {"angles": angles}
+        pipeline = FramePipeline(self.backend.executor(), features, self.size, options.batch_size,
+                                 mapping=mapping_stage(avatar.preprocess, free_view=view.active))
         total = motion.frames
         pending: list[tuple[int, np.ndarray]] = []
-        for index, chw in pipeline.frames(targets):
+        for index, chw in pipeline.frames(targets, per_frame):
             # chw is a view into a reused host buffer: convert it before the next frame.
             image = compositor(to_uint8(chw))
             if enhance is None:
@@ -292,10 +364,11 @@ class TalkingHead:
         yield from self.render(avatar, self.motion(avatar, audio, options, progress), options, progress)
 
     def write_video(self, avatar: Avatar, audio: AudioLike, output: Union[str, Path], options: Options = Options(),
-                    overwrite: bool = False, progress: Progress = _noop, audio_name: Optional[str] = None) -> Path:
+                    overwrite: bool = False, progress: Progress = _noop, audio_name: Optional[str] = None,
+                    on_note: Callable[[str], None] = lambda line: None) -> Path:
         from ..media import VideoWriter
 
-        motion = self.motion(avatar, audio, options, progress, name=audio_name)
+        motion = self.motion(avatar, audio, options, progress, name=audio_name, on_note=on_note)
         width, height = avatar.output_size
         if options.enhancer is not None:
             width, height = width * self.enhancer.upscale, height * self.enhancer.upscale

@@ -24,6 +24,7 @@ import numpy as np
 from ..stages import STAGES
 
 DEVICE_SLOTS = 2        # output slots per stage: batch k writes slot k % 2 while slot (k - 1) % 2 is read
+PER_FRAME_MAPPING_INPUTS = ("angles",)   # besides the semantics windows: one row per frame, sliced per batch
 
 
 class Executor(Protocol):
@@ -75,8 +76,8 @@ class SerialExecutor:
         np.copyto(dst, src)
 
 
-def _fixed_feeds(stage: str, features: dict[str, np.ndarray], per_batch: str) -> dict[str, np.ndarray]:
-    names = [t.name for t in STAGES[stage].inputs if t.name != per_batch]
+def _fixed_feeds(stage: str, features: dict[str, np.ndarray], *per_batch: str) -> dict[str, np.ndarray]:
+    names = [t.name for t in STAGES[stage].inputs if t.name not in per_batch]
     missing = [n for n in names if n not in features]
     if missing:
         raise KeyError(f"stage {stage} needs the avatar features {missing}; got {sorted(features)}")
@@ -97,7 +98,7 @@ class FramePipeline:
         self.executor = executor
         self.mapping = mapping
         self.batch_size = batch_size
-        self.mapping_fixed = _fixed_feeds(mapping, features, "semantics")
+        self.mapping_fixed = _fixed_feeds(mapping, features, "semantics", *PER_FRAME_MAPPING_INPUTS)
         self.renderer_fixed = _fixed_feeds("renderer", features, "kp_driving")
         frames = STAGES["renderer"].output("frames")
         self.host = [executor.host_buffer(frames.resolve(size, batch=batch_size), frames.dtype)
@@ -106,8 +107,10 @@ class FramePipeline:
         self.render_stream = executor.make_stream()
         self.copy_stream = executor.make_stream()
 
-    def frames(self, targets: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    def frames(self, targets: np.ndarray, per_frame: dict[str, np.ndarray] | None = None
+               ) -> Iterator[tuple[int, np.ndarray]]:
         """(index, (3, S, S) frame) in order, one per row of ``targets`` (the mapping's semantics windows).
+        ``per_frame`` holds the mapping's other per-frame inputs (free view: ``angles``), one row per frame.
 
         A frame is a view into a host buffer that is rewritten ``host_slots`` batches later: convert or copy
         it before then.
@@ -119,7 +122,9 @@ class FramePipeline:
         def issue_mapping(k: int) -> None:
             if k >= DEVICE_SLOTS:
                 ex.wait(self.map_stream, render_done[k - DEVICE_SLOTS])
-            feeds = {**self.mapping_fixed, "semantics": targets[starts[k]:starts[k] + bs]}
+            rows = slice(starts[k], starts[k] + bs)
+            feeds = {**self.mapping_fixed, "semantics": targets[rows],
+                     **{name: values[rows] for name, values in (per_frame or {}).items()}}
             mapped[k] = ex.launch(self.mapping, feeds, self.map_stream, k % DEVICE_SLOTS)["kp"]
             map_done[k] = ex.record(self.map_stream)
 

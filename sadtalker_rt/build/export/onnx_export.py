@@ -78,6 +78,9 @@ _SAMPLERS = {
     # Motion coefficients around a source: small expression and pose offsets per frame.
     "semantics": lambda rng, shape: rng.normal(0, 0.3, size=(1,) + shape[1:]) + rng.normal(0, 0.05, size=shape),
     "value": lambda rng, shape: rng.normal(0, 0.5, size=shape),
+    "degrees": lambda rng, shape: rng.uniform(-30, 30, size=shape),
+    # Free view's given-angle flags: some given, some predicted, so both branches are validated.
+    "mask": lambda rng, shape: np.resize(np.array([1.0, 0.0, 1.0]), shape),
 }
 
 
