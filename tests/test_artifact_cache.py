@@ -92,3 +92,16 @@ def test_engines_for_onnxruntime_is_an_alias_of_graphs_for_one_release():
     choice.check()
     assert choice.graphs == "exported" and choice.engines is None
     assert "deprecated" in choice.notes_for_user[0]
+
+
+def test_cached_engines_that_failed_parity_are_refused(cache_dir, monkeypatch, tmp_path):
+    from sadtalker_rt.build.export.onnx_export import ExportValidationError
+    from sadtalker_rt.build.tensorrt import BuildResult
+
+    records = {"stages": {"mapping": {"parity_passed": True}, "renderer": {"parity_passed": False}}}
+    monkeypatch.setattr("sadtalker_rt.build.tensorrt.build_engines",
+                        lambda graphs, folder, **_: BuildResult(records, {}, ["mapping", "renderer"]))
+    with pytest.raises(ExportValidationError, match="renderer engine"):
+        cache.engines_for(tmp_path / "graphs-key")
+    records["stages"]["renderer"]["parity_passed"] = True
+    assert cache.engines_for(tmp_path / "graphs-key") == cache_dir / "engines" / "graphs-key"

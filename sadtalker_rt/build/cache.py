@@ -100,11 +100,19 @@ def graphs_for(weights, size: int, precision: str, grid_sample: str = "native",
 
 
 def engines_for(graphs: Path, progress: Progress | None = None, **build_options) -> Path:
-    """The engine folder for a graph folder; engines whose key still matches are reused by the builder."""
+    """The engine folder for a graph folder; engines whose key still matches are reused by the builder.
+
+    An engine whose recorded parity against its graph failed is refused, now and on every later run."""
+    from .export.onnx_export import ExportValidationError
     from .tensorrt import build_engines
 
     folder = cache_root() / "engines" / Path(graphs).name
-    build_engines(Path(graphs), folder, progress=progress, **build_options)
+    result = build_engines(Path(graphs), folder, progress=progress, **build_options)
+    failed = sorted(name for name, entry in result.record["stages"].items() if entry.get("parity_passed") is False)
+    if failed:
+        raise ExportValidationError(f"the {', '.join(failed)} engine(s) in {folder} do not match their ONNX graphs "
+                                    "(parity recorded in engines.json; `sadtalker-rt build` prints the Polygraphy "
+                                    "command to check them); run with --backend onnxruntime meanwhile.")
     return folder
 
 
