@@ -86,18 +86,16 @@ def test_coefficients_match_reference_stages(head, crop_avatar):
 
 
 def head_blinks(frames: int, seed: int) -> np.ndarray:
-    from sadtalker_rt.runtime.coeffs import blink_sequence
+    from sadtalker_rt.runtime.coeffs import blink_generator, blink_sequence
 
-    return blink_sequence(frames, np.random.default_rng(seed)).astype(np.float32)[None]
+    return blink_sequence(frames, blink_generator(seed)).astype(np.float32)[None]
 
 
 def pose_noise(frames: int, chunks: int, seed: int) -> np.ndarray:
-    """The pipeline draws the blinks first, then one latent per pose chunk, from one generator."""
-    from sadtalker_rt.runtime.coeffs import blink_sequence
+    """One latent per pose chunk, each from its own stream (``coeffs.pose_latent``), whatever the blinks drew."""
+    from sadtalker_rt.runtime.coeffs import pose_latent
 
-    rng = np.random.default_rng(seed)
-    blink_sequence(frames, rng)
-    return rng.standard_normal((chunks, 64)).astype(np.float32)[None]
+    return np.concatenate([pose_latent(seed, k) for k in range(chunks)])[None]
 
 
 @pytest.mark.parametrize("mode", ["crop", "resize", "full"])

@@ -62,36 +62,58 @@ def mel_filterbank() -> np.ndarray:
 
 
 @lru_cache(maxsize=1)
+def _filterbank64() -> np.ndarray:
+    return np.ascontiguousarray(mel_filterbank().T.astype(np.float64))
+
+
+@lru_cache(maxsize=1)
 def _hann_window() -> np.ndarray:
     n = np.arange(N_FFT)
     return 0.5 - 0.5 * np.cos(2.0 * np.pi * n / N_FFT)      # periodic Hann, as librosa's STFT
 
 
-def _stft_mel(signal: np.ndarray, block: int = 4096) -> np.ndarray:
-    """mel(|STFT|) as (frames, 80): centred frames, 400 zeros each side (librosa >= 0.10 padding).
+MEL_BLOCK = 16                              # mel frames per transform call, aligned at multiples of 16
 
-    Frames are transformed a block at a time (each frame is independent), so an hour of audio never holds
-    its whole complex spectrogram.
+
+def mel_frame_count(n_samples: int) -> int:
+    """Mel frames of a signal of ``n_samples``: one per hop, centred, 1 + n // 200."""
+    return 1 + int(n_samples) // HOP
+
+
+def mel_block(wav: np.ndarray, length: int, block: int) -> np.ndarray:
+    """Normalised log-mel frames ``16 * block`` .. ``16 * block + 15`` as (16, 80) float32.
+
+    ``wav`` holds at least the first ``length`` samples of the 16 kHz signal; the spectrogram is that of
+    ``wav[:length]`` (pre-emphasis, centred frames with 400 zeros each side, as librosa >= 0.10). Every
+    call transforms exactly 16 frames aligned at a multiple of 16, so a frame gets the same bits whether the
+    whole signal is at hand (offline) or only its beginning (streaming, where rows past the samples known
+    so far are computed from zeros and discarded by the caller).
     """
-    padded = np.pad(signal, N_FFT // 2)
-    frames = np.lib.stride_tricks.sliding_window_view(padded, N_FFT)[::HOP]
-    window, bank = _hann_window(), mel_filterbank().T.astype(np.float64)
-    out = np.empty((len(frames), bank.shape[1]), np.float64)
-    for start in range(0, len(frames), block):
-        out[start:start + block] = np.abs(np.fft.rfft(frames[start:start + block] * window, axis=-1)) @ bank
-    return out
-
-
-def melspectrogram(wav16k: np.ndarray) -> np.ndarray:
-    """Normalised log-mel spectrogram (1 + len // 200, 80) float32 in [-4, 4]."""
-    x = np.asarray(wav16k, dtype=np.float64).reshape(-1)
-    emphasized = x.copy()
-    emphasized[1:] -= PREEMPHASIS * x[:-1]
-    mel = _stft_mel(emphasized)
+    first = block * MEL_BLOCK * HOP - N_FFT // 2            # first sample of the block's first frame
+    span = (MEL_BLOCK - 1) * HOP + N_FFT
+    lo, hi = max(first, 0), min(first + span, length, len(wav))
+    segment = np.zeros(span, np.float64)
+    if hi > lo:
+        x = np.asarray(wav[max(lo - 1, 0):hi], dtype=np.float64)
+        emphasized = x[1:] - PREEMPHASIS * x[:-1] if lo > 0 else np.concatenate([x[:1], x[1:] - PREEMPHASIS * x[:-1]])
+        segment[lo - first:hi - first] = emphasized
+    frames = np.lib.stride_tricks.sliding_window_view(segment, N_FFT)[::HOP]
+    mel = np.abs(np.fft.rfft(frames * _hann_window(), axis=-1)) @ _filterbank64()
     min_level = np.exp(MIN_LEVEL_DB / 20 * np.log(10))
     db = 20 * np.log10(np.maximum(min_level, mel)) - REF_LEVEL_DB
     normalised = 2 * MAX_ABS * ((db - MIN_LEVEL_DB) / -MIN_LEVEL_DB) - MAX_ABS
     return np.clip(normalised, -MAX_ABS, MAX_ABS).astype(np.float32)
+
+
+def melspectrogram(wav16k: np.ndarray) -> np.ndarray:
+    """Normalised log-mel spectrogram (1 + len // 200, 80) float32 in [-4, 4], a block of 16 frames at a time
+    (an hour of audio never holds its whole complex spectrogram)."""
+    x = np.asarray(wav16k).reshape(-1)
+    count = mel_frame_count(len(x))
+    out = np.empty((-(-count // MEL_BLOCK) * MEL_BLOCK, N_MELS), np.float32)
+    for block in range(len(out) // MEL_BLOCK):
+        out[block * MEL_BLOCK:(block + 1) * MEL_BLOCK] = mel_block(x, len(x), block)
+    return out[:count]
 
 
 def frame_count(n_samples: int) -> int:
@@ -99,10 +121,21 @@ def frame_count(n_samples: int) -> int:
     return int(n_samples) // SAMPLES_PER_FRAME
 
 
-def window_starts(T: int) -> np.ndarray:
-    """First mel frame of each video frame's window; truncation toward zero, so frame 0 -> -6."""
-    i = np.arange(T, dtype=np.float64)
+def window_starts(T: int, first: int = 0) -> np.ndarray:
+    """First mel frame of each video frame's window (frames first..T-1); truncation toward zero, so frame 0 -> -6."""
+    i = np.arange(first, T, dtype=np.float64)
     return np.trunc(MEL_FPS * ((i - 2) / FPS)).astype(np.int64)
+
+
+def window_start(i: int) -> int:
+    """``window_starts``' value for frame i alone (the same float64 arithmetic)."""
+    return int(np.trunc(MEL_FPS * ((np.float64(i) - 2) / FPS)))
+
+
+def window_rows(mel: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """(len(starts), 80, 16) windows of 16 mel frames from the given first frames, indices clamped to ``mel``."""
+    index = np.clip(starts[:, None] + np.arange(MEL_STEP)[None, :], 0, mel.shape[0] - 1)
+    return np.ascontiguousarray(mel[index].transpose(0, 2, 1))
 
 
 class MelWindows:
@@ -116,8 +149,7 @@ class MelWindows:
         return len(self.starts)
 
     def __getitem__(self, frames: slice) -> np.ndarray:
-        index = np.clip(self.starts[frames][:, None] + np.arange(MEL_STEP)[None, :], 0, self.mel.shape[0] - 1)
-        return np.ascontiguousarray(self.mel[index].transpose(0, 2, 1))
+        return window_rows(self.mel, self.starts[frames])
 
 
 def mel_windows(mel: np.ndarray, T: int) -> np.ndarray:

@@ -14,25 +14,57 @@ SMOOTH_WINDOW = 13
 SMOOTH_ORDER = 2
 
 
-def blink_sequence(T: int, rng: np.random.Generator) -> np.ndarray:
-    """(T, 1) float32 eye-blink ratios: 5-frame blinks at random gaps, none for T <= 20.
+BLINK_GAP = (10, 70)                # gap before each blink, drawn from range(10, 70)
+LATENT_SIZE = 64
 
-    The official procedure draws each gap from range(min(10, T), min(T // 2, 70)); where that range
-    is empty (T = 21, where the official code crashes) there are no blinks.
+
+def blink_generator(seed: int) -> np.random.Generator:
+    """The blinks' own random stream: they never shift the pose latents, whatever the audio length."""
+    return np.random.default_rng([int(seed), 0])
+
+
+def pose_latent(seed: int, chunk: int) -> np.ndarray:
+    """(1, 64) float32 latent of pose chunk ``chunk``, a stream of its own so any chunk is known at once."""
+    return np.random.default_rng([int(seed), 1, int(chunk)]).standard_normal((1, LATENT_SIZE)).astype(np.float32)
+
+
+class BlinkTrack:
+    """Blink starts drawn lazily from ``rng``; ``values`` gives the ratios for an utterance of T frames.
+
+    Each gap comes from range(10, 70), the official range for T >= 140 frames; the official code narrows it
+    to range(10, T // 2) for shorter audio, which would make every blink depend on the total length and so
+    on audio not yet heard. The only length dependence kept is the official one at the end: a blink must end
+    at least one frame before the last frame, and T <= 21 has none. So the ratio of frame f is final once
+    the utterance is known to have more than max(21, f + 6) frames.
     """
-    ratio = np.zeros((T, 1), dtype=np.float32)
-    if T <= 20:
+
+    def __init__(self, rng: np.random.Generator):
+        self.rng = rng
+        self.starts: list[int] = []
+
+    def _extend(self, frame: int) -> None:
+        while not self.starts or self.starts[-1] <= frame:
+            after = self.starts[-1] + len(BLINK_PROFILE) if self.starts else 0
+            self.starts.append(after + int(self.rng.integers(*BLINK_GAP)))
+
+    def values(self, T: int, start: int, stop: int) -> np.ndarray:
+        """(stop - start, 1) float32 ratios of frames start..stop-1 for an utterance of T frames."""
+        ratio = np.zeros((stop - start, 1), dtype=np.float32)
+        if T <= 21 or stop <= start:
+            return ratio
+        self._extend(stop)
+        for first in self.starts:
+            if first + len(BLINK_PROFILE) > T - 1 or first >= stop:
+                break
+            lo, hi = max(first, start), min(first + len(BLINK_PROFILE), stop)
+            if lo < hi:
+                ratio[lo - start:hi - start, 0] = BLINK_PROFILE[lo - first:hi - first]
         return ratio
-    low, high = min(10, T), min(T // 2, 70)
-    frame_id = 0
-    while low < high and frame_id < T:
-        start = int(rng.integers(low, high))
-        first = frame_id + start
-        if first + len(BLINK_PROFILE) > T - 1:
-            break
-        ratio[first:first + len(BLINK_PROFILE), 0] = BLINK_PROFILE
-        frame_id = first + len(BLINK_PROFILE)
-    return ratio
+
+
+def blink_sequence(T: int, rng: np.random.Generator) -> np.ndarray:
+    """(T, 1) float32 eye-blink ratios: 5-frame blinks at random gaps, none for T <= 21 (``BlinkTrack``)."""
+    return BlinkTrack(rng).values(T, 0, T)
 
 
 def smoothing_window(T: int) -> int:
@@ -54,6 +86,20 @@ def smooth_pose(pose: np.ndarray) -> np.ndarray:
     if window <= SMOOTH_ORDER:
         return pose.copy()
     return savgol_filter(pose, window, SMOOTH_ORDER, axis=-2, mode="interp")
+
+
+def smooth_pose_rows(pose: np.ndarray, start: int, stop: int, total: int) -> np.ndarray:
+    """Rows start..stop-1 of ``smooth_pose(full)``, from the rows of ``pose`` known so far.
+
+    ``pose`` holds the first rows of a (total, 6) sequence (all of them when ``total`` is known, else
+    ``total`` is None). Each output depends on its 13-frame neighbourhood only (or on the first / last 13
+    frames near either end), so a segment around the rows gives the same bits as the whole sequence; the
+    caller asks only for rows whose neighbourhood is known: stop + 6 <= len(pose) before the end.
+    """
+    end = len(pose) if total is None else total
+    first = max(0, start - SMOOTH_WINDOW // 2)
+    first = min(first, max(0, end - SMOOTH_WINDOW))
+    return smooth_pose(pose[first:end])[start - first:stop - first]
 
 
 def semantic_windows(coeffs: np.ndarray, source_coeffs: np.ndarray, *, full: bool, still: bool,
@@ -94,6 +140,12 @@ def _source_and_target(coeffs: np.ndarray, source_coeffs: np.ndarray, *, full: b
     if still:
         target[:, EXPRESSION.stop:] = source[:, EXPRESSION.stop:]
     return source, target
+
+
+def target_rows(coeffs: np.ndarray, source_coeffs: np.ndarray, *, full: bool, still: bool,
+                expression_scale: float) -> np.ndarray:
+    """(T, C) per-frame renderer targets before windowing; each row depends on its own frame only."""
+    return _source_and_target(coeffs, source_coeffs, full=full, still=still, expression_scale=expression_scale)[1]
 
 
 class TargetWindows:

@@ -23,7 +23,6 @@ from ..errors import InputError, UsageError
 from ..stages import (COEFFS, EXPRESSION, FPS, POSE, POSE_CHUNK, PREPROCESS_MODES, SAMPLE_RATE, SAMPLES_PER_FRAME,
                       STAGES, is_full, mapping_stage, pose_chunks)
 
-AUDIO_CHUNK = 500              # frames per ExpNet call (20 s of audio)
 Progress = Callable[[str, int, int], None]   # (stage, done, total)
 ImageLike = Union[str, Path, np.ndarray]
 AudioLike = Union[str, Path, np.ndarray]
@@ -228,34 +227,22 @@ class TalkingHead:
                on_note: Callable[[str], None] = lambda line: None) -> Motion:
         """``on_note`` hears each line worth telling the user (frames of a reference video without a face)."""
         from .. import media
-        from . import audio_features
-        from . import coeffs, overrides
+        from .streaming import MotionStream
 
         options.validate()
         wav = media.load_audio(audio, SAMPLE_RATE) if not isinstance(audio, np.ndarray) else audio.astype(np.float32)
         if options.duration is not None:
             wav = wav[: int(round(options.duration * SAMPLE_RATE))]
-        frames = audio_features.frame_count(len(wav))
-        if frames < 1:
-            name = name or (str(audio) if not isinstance(audio, np.ndarray) else "the audio")
-            raise InputError(f"{name} is shorter than one "
-                             f"video frame ({len(wav)} samples at 16 kHz, {len(wav) / 16:.1f} ms < 40 ms).")
-        wav = wav[: frames * SAMPLES_PER_FRAME]
-        windows = audio_features.MelWindows(audio_features.melspectrogram(wav), frames)
+        name = name or (str(audio) if not isinstance(audio, np.ndarray) else "the audio")
+        frames = len(wav) // SAMPLES_PER_FRAME
         notes: list[str] = []
-        references = self._references(avatar, options, frames, progress, notes, on_note)
-        rng = np.random.default_rng(options.seed)
-        blink = coeffs.blink_sequence(frames, rng).astype(np.float32)            # (T, 1)
-        ref, blink = overrides.expression_inputs(avatar.source_coeffs, blink, references.get("ref_eyeblink"))
-        exp = np.empty((frames, EXPRESSION.stop), np.float32)
-        # Frames are independent in ExpNet; chunks keep activation memory bounded on long audio.
-        for start in range(0, frames, AUDIO_CHUNK):
-            stop = min(start + AUDIO_CHUNK, frames)
-            exp[start:stop] = self.infer("audio2exp", indiv_mels=windows[start:stop][:, None].astype(np.float32),
-                                         ref_exp=ref[start:stop, EXPRESSION], blink=blink[start:stop])["exp"]
-            progress("audio2exp", stop, frames)
-        pose = coeffs.smooth_pose(self._pose(windows, ref[0, POSE], options, rng, progress))
-        return Motion(overrides.motion_coeffs(exp, pose, references.get("ref_pose")), wav, windows, notes)
+        references = self._references(avatar, options, frames, progress, notes, on_note) if frames >= 1 else {}
+        # The streaming computation fed everything at once: one implementation of the motion for both paths.
+        stream = MotionStream(self.infer, avatar, options, progress, name=name, references=references)
+        stream.feed(wav, last=True)
+        motion = stream.result()
+        motion.notes = notes
+        return motion
 
     def _references(self, avatar: Avatar, options: Options, frames: int, progress: Progress, notes: list,
                     on_note: Callable[[str], None]) -> dict[str, np.ndarray]:
@@ -295,24 +282,6 @@ class TalkingHead:
             return self.infer("face3d_recon", aligned_image=aligned)["coeffs"]
 
         return reference_coeffs(frames(), preprocess, self.size, regress, str(video))
-
-    def _pose(self, windows, ref_pose: np.ndarray, options: Options, rng: np.random.Generator,
-              progress: Progress) -> np.ndarray:
-        """PoseVAE over chunks of POSE_CHUNK frames after frame 0 (``stages.pose_chunks``), one latent per chunk."""
-
-        chunks = pose_chunks(len(windows))
-        latent = STAGES["audio2pose"].input("noise").shape[1]
-        noise = rng.standard_normal((max(len(chunks), 1), latent)).astype(np.float32)
-        motion = [np.zeros((1, POSE.stop - POSE.start), np.float32)]
-        for k, chunk in enumerate(chunks):
-            window = windows[1 + chunk.start:1 + chunk.stop].astype(np.float32)   # audio after the reference frame
-            if len(window) < POSE_CHUNK:    # a shorter utterance: repeating the first window repeats its embedding
-                window = np.concatenate([np.repeat(window[:1], POSE_CHUNK - len(window), axis=0), window])
-            out = self.infer("audio2pose", indiv_mels=window[:, None], ref_pose=ref_pose[None],
-                             pose_style=np.array([options.pose_style], np.int64), noise=noise[k:k + 1])["motion"]
-            motion.append(out[POSE_CHUNK - chunk.keep:])
-            progress("audio2pose", k + 1, len(chunks))
-        return ref_pose[None] + np.concatenate(motion)
 
     # -- per frame ------------------------------------------------------------------------------
     def render(self, avatar: Avatar, motion: Motion, options: Options = Options(),
@@ -362,6 +331,15 @@ class TalkingHead:
     def generate(self, avatar: Avatar, audio: AudioLike, options: Options = Options(),
                  progress: Progress = _noop) -> Iterator[Frame]:
         yield from self.render(avatar, self.motion(avatar, audio, options, progress), options, progress)
+
+    def stream(self, avatar: Avatar, chunks, options: Options = Options(), turn=None):
+        """Frames as soon as they are final from 16 kHz mono PCM chunks of any sizes (bytes of int16, int16 or
+        float arrays), an iterator or an async iterator (which gives an async iterator of frames). The frames
+        equal ``generate``'s on the same audio. ``turn``: a context manager factory held around each model call
+        (sessions sharing one model take turns)."""
+        from .streaming import stream
+
+        return stream(self, avatar, chunks, options, turn)
 
     def write_video(self, avatar: Avatar, audio: AudioLike, output: Union[str, Path], options: Options = Options(),
                     overwrite: bool = False, progress: Progress = _noop, audio_name: Optional[str] = None,

@@ -107,6 +107,19 @@ class FramePipeline:
         self.render_stream = executor.make_stream()
         self.copy_stream = executor.make_stream()
 
+    def render_batch(self, semantics: np.ndarray) -> np.ndarray:
+        """Mapping and renderer of one batch at once, nothing overlapped (streaming, where the next batch's
+        audio has not arrived yet): (n, 3, S, S) frames in a host buffer that the next call rewrites."""
+        ex = self.executor
+        kp = ex.launch(self.mapping, {**self.mapping_fixed, "semantics": semantics}, self.map_stream, 0)["kp"]
+        ex.wait(self.render_stream, ex.record(self.map_stream))
+        rendered = ex.launch("renderer", {**self.renderer_fixed, "kp_driving": kp}, self.render_stream, 0)["frames"]
+        ex.wait(self.copy_stream, ex.record(self.render_stream))
+        host = self.host[0][:len(semantics)]
+        ex.copy_to_host(rendered, host, self.copy_stream)
+        ex.synchronize(ex.record(self.copy_stream))
+        return host
+
     def frames(self, targets: np.ndarray, per_frame: dict[str, np.ndarray] | None = None
                ) -> Iterator[tuple[int, np.ndarray]]:
         """(index, (3, S, S) frame) in order, one per row of ``targets`` (the mapping's semantics windows).
