@@ -15,7 +15,7 @@ $(BIN)/python:
 
 setup: $(BIN)/python
 	$(BIN)/python -m pip install --quiet $(TORCH)
-	$(BIN)/python -m pip install --quiet -e '.[torch,dev]'
+	$(BIN)/python -m pip install --quiet -e '.[torch,dev,serve]'
 
 demo: setup
 	mkdir -p out

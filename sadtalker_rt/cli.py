@@ -258,6 +258,11 @@ def bench(
     repeats: int = typer.Option(3, "--repeats", help="timed calls per stage (at least)"),
     old_version: bool = typer.Option(False, "--old-version", help="load the legacy .pth checkpoints"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
+    streaming: bool = typer.Option(False, "--streaming", help="time streaming sessions instead (torch backend): "
+                                   "first frame, real-time factor, jitter, for 1 and --sessions N at once"),
+    sessions: int = typer.Option(4, "--sessions", help="--streaming: concurrent sessions of the second run"),
+    chunk_ms: float = typer.Option(20.0, "--chunk-ms", help="--streaming: audio chunk length"),
+    seconds: float = typer.Option(4.0, "--seconds", help="--streaming: seconds of the audio to use"),
 ) -> None:
     """Latency and parity of every backend side by side, against the official PyTorch loop.
 
@@ -269,6 +274,9 @@ def bench(
     from .progress import StageBars
 
     weights = weight_source(checkpoints, synthetic_weights, size, old_version)
+    if streaming:
+        _bench_streaming(weights, size, device, image, audio, sessions, chunk_ms, seconds, json_out, markdown_out)
+        return
     config = bench_mod.BenchConfig(
         weights=weights, size=size, backends=bench_mod.parse_list(backends),
         batch_sizes=bench_mod.parse_list(batch_sizes, int), frames=frames, warmup=warmup, repeats=repeats,
@@ -313,6 +321,60 @@ def _enhancer_weights(enhancer: Optional[str], location: Optional[Path], checkpo
         typer.echo("note: parsing_parsenet.pth not found; the face is pasted back through a feathered square mask.",
                    err=True)
     return weights
+
+
+@app.command()
+def serve(
+    checkpoints: Optional[Path] = typer.Option(None, "--checkpoints", help=CHECKPOINTS_HELP),
+    synthetic_weights: Optional[int] = typer.Option(None, "--synthetic-weights", metavar="[SEED]", help=SYNTHETIC_HELP),
+    size: int = typer.Option(256, "--size", help="render size: 256 or 512"),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
+    host: str = typer.Option("127.0.0.1", "--host", help="address to listen on (beyond loopback needs --token)"),
+    port: int = typer.Option(8000, "--port"),
+    token: Optional[str] = typer.Option(None, "--token", envvar="SADTALKER_RT_TOKEN", help="bearer token clients send"),
+    max_sessions: int = typer.Option(4, "--max-sessions", help="streaming sessions and video jobs at once"),
+    max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", help="largest upload (photo, audio, request)"),
+    max_audio_seconds: float = typer.Option(120.0, "--max-audio-seconds", help="longest audio per session or job"),
+    batch_size: int = typer.Option(1, "--batch-size", help="frames per renderer call"),
+) -> None:
+    """Serve the web page, streaming websocket sessions and whole-file jobs (needs the 'serve' extra)."""
+    try:
+        from .serving.limits import ServeConfig
+        from .serving.server import make_server
+    except ImportError as err:
+        raise UsageError(f"serve needs the 'serve' extra (pip install 'sadtalker-rt[serve]'): {err}") from None
+    from .runtime.pipeline import TalkingHead
+
+    if min(max_sessions, batch_size) < 1 or min(max_upload_mb, max_audio_seconds) <= 0:
+        raise UsageError("--max-sessions, --batch-size, --max-upload-mb and --max-audio-seconds must be positive.")
+    config = ServeConfig(token=token, max_sessions=max_sessions, max_upload_bytes=int(max_upload_mb * 2**20),
+                         max_audio_seconds=max_audio_seconds, batch_size=batch_size)
+    weights = weight_source(checkpoints, synthetic_weights, size)
+    if weights.synthetic:
+        typer.echo(f"note: {weights.describe()}.", err=True)
+    server = make_server(TalkingHead.from_weights(weights, size=size, device=device), host, port, config)
+    typer.echo(f"serving on http://{host}:{port}/", err=True)
+    server.run()
+
+
+def _bench_streaming(weights, size, device, image, audio, sessions, chunk_ms, seconds, json_out, markdown_out):
+    import json
+
+    from . import bench_streaming, media
+    from .runtime.pipeline import SAMPLE_RATE, TalkingHead
+
+    if sessions < 1 or chunk_ms <= 0 or seconds <= 0:
+        raise UsageError("--sessions, --chunk-ms and --seconds must be positive.")
+    head = TalkingHead.from_weights(weights, size=size, device="cpu" if device == "auto" else device)
+    avatar = head.prepare_avatar(image or media.demo_image(), "crop")
+    wav = media.load_audio(audio or media.demo_audio(), SAMPLE_RATE)[:int(seconds * SAMPLE_RATE)]
+    report = bench_streaming.run(head, avatar, wav, tuple(sorted({1, sessions})), chunk_ms)
+    markdown = bench_streaming.to_markdown(report)
+    if json_out is not None:
+        json_out.write_text(json.dumps(report, indent=2))
+    if markdown_out is not None:
+        markdown_out.write_text(markdown)
+    typer.echo(markdown)
 
 
 def _load_run_inputs(image: Path, audio: Path, output: Path, overwrite: bool, references: tuple = ()):

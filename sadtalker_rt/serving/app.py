@@ -1,0 +1,331 @@
+"""The web application: avatars from uploaded photos, websocket streaming sessions, whole-file jobs, the page.
+
+    POST /avatars             multipart ``photo`` (+ ``preprocess``) -> {"avatar": sha256, ...}, cached by content
+    WS   /stream?avatar=ID    binary messages: 16 kHz mono PCM, signed 16-bit little-endian, any sizes;
+                              text "end" when the audio is complete. Replies: binary frames, a 12-byte header
+                              (uint32 index, float64 timestamp in seconds, little-endian) then a JPEG; a text
+                              {"type": "end", "frames": N} at the end, {"type": "error", "message": ...} on refusal
+    POST /videos              multipart ``photo`` and ``audio`` (+ ``seed``, ``preprocess``) -> video/mp4
+    GET  /                    the page
+
+A bearer token (``Authorization: Bearer T``, or ``?token=T`` where a browser cannot set headers) guards
+everything but the page when one is configured. One model serves every session; sessions take turns per
+model call. Each session's queues are bounded: a slow client only slows itself.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import io
+import json
+import shutil
+import struct
+import tempfile
+import threading
+from collections import OrderedDict
+from importlib import resources
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from ..errors import SadTalkerError
+from .limits import FairTurns, ServeConfig, Slots, TurnTakingBackend
+
+FRAME_HEADER = struct.Struct("<Id")
+POLICY_VIOLATION, TRY_AGAIN_LATER, TOO_BIG = 1008, 1013, 1009
+
+
+class Refusal(Exception):
+    def __init__(self, status: int, message: str, ws_code: int = POLICY_VIOLATION):
+        super().__init__(message)
+        self.status, self.message, self.ws_code = status, message, ws_code
+
+
+class Service:
+    """The model, the avatar cache and the session slots shared by every request."""
+
+    def __init__(self, head, config: ServeConfig):
+        from ..runtime.pipeline import TalkingHead
+
+        self.config = config
+        self.turns = FairTurns()
+        self.head = TalkingHead(TurnTakingBackend(head.backend, self.turns), head.size)
+        self.slots = Slots(config.max_sessions)
+        self.avatars: OrderedDict[str, object] = OrderedDict()
+        self._avatar_lock = threading.Lock()
+        self._preparing: dict[str, threading.Lock] = {}
+
+    def check_token(self, headers, query) -> None:
+        if self.config.token is None:
+            return
+        given = query.get("token") or ""
+        auth = headers.get("authorization", "")
+        if auth.lower().startswith("bearer "):
+            given = auth[7:].strip()
+        if not given:
+            raise Refusal(401, "a bearer token is required (Authorization: Bearer TOKEN, or ?token=TOKEN).")
+        if not hmac.compare_digest(given.encode(), self.config.token.encode()):
+            raise Refusal(401, "the bearer token is wrong.")
+
+    def avatar(self, photo: bytes, preprocess: str) -> tuple[str, object]:
+        """The prepared avatar of ``photo`` (prepared once per content and mode)."""
+        key = f"{hashlib.sha256(photo).hexdigest()}-{preprocess}"
+        with self._avatar_lock:
+            lock = self._preparing.setdefault(key, threading.Lock())
+        with lock:                 # two uploads of one photo prepare it once
+            with self._avatar_lock:
+                if key in self.avatars:
+                    self.avatars.move_to_end(key)
+                    return key, self.avatars[key]
+            with tempfile.TemporaryDirectory(prefix="sadtalker-rt-") as tmp:
+                path = Path(tmp) / "photo"
+                path.write_bytes(photo)
+                from .. import media
+                image = media.load_image(path)
+            avatar = self.head.prepare_avatar(image, preprocess, name="the uploaded photo")
+            with self._avatar_lock:
+                self.avatars[key] = avatar
+                while len(self.avatars) > self.config.max_avatars:
+                    self.avatars.popitem(last=False)
+                self._preparing.pop(key, None)
+            return key, avatar
+
+    def find_avatar(self, key: str):
+        with self._avatar_lock:
+            if key not in self.avatars:
+                raise Refusal(404, f"unknown avatar '{key}': upload the photo to /avatars first.")
+            self.avatars.move_to_end(key)
+            return self.avatars[key]
+
+    def take_slot(self) -> None:
+        if not self.slots.try_take():
+            raise Refusal(503, f"the server is busy: {self.slots.limit} sessions are running, which is the limit; "
+                               "try again later.", TRY_AGAIN_LATER)
+
+    def options(self, query, seed_default: int = 0):
+        from ..runtime.pipeline import Options
+
+        try:
+            options = Options(seed=int(query.get("seed", seed_default)), batch_size=self.config.batch_size,
+                              still=str(query.get("still", "")).lower() in ("1", "true", "yes"),
+                              pose_style=int(query.get("pose_style", 0)),
+                              expression_scale=float(query.get("expression_scale", 1.0)))
+            options.validate()
+        except (ValueError, SadTalkerError) as err:
+            raise Refusal(400, f"bad option: {err}") from None
+        return options
+
+    def encode(self, frame) -> bytes:
+        from PIL import Image
+
+        out = io.BytesIO()
+        out.write(FRAME_HEADER.pack(frame.index, frame.timestamp))
+        Image.fromarray(frame.image).save(out, "JPEG", quality=self.config.jpeg_quality)
+        return out.getvalue()
+
+
+async def read_limited(request, limit: int) -> bytes:
+    """The request body, refused (413) past ``limit`` bytes without reading the rest."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise Refusal(413, f"the upload is {int(declared)} bytes; the limit is {limit}.")
+    body = bytearray()
+    async for part in request.stream():
+        body += part
+        if len(body) > limit:
+            raise Refusal(413, f"the upload is over the limit of {limit} bytes.")
+    return bytes(body)
+
+
+async def read_form(request, limit: int) -> dict:
+    from starlette.requests import Request
+
+    body = await read_limited(request, limit)
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    form = await Request(request.scope, replay).form(max_files=2, max_fields=8, max_part_size=limit)
+    try:
+        return {k: (await v.read() if hasattr(v, "read") else v) for k, v in form.items()}
+    finally:
+        await form.close()
+
+
+def create_app(head, config: Optional[ServeConfig] = None):
+    from starlette.applications import Starlette
+    from starlette.background import BackgroundTask
+    from starlette.responses import FileResponse, HTMLResponse, JSONResponse
+    from starlette.routing import Route, WebSocketRoute
+    from starlette.websockets import WebSocketDisconnect
+
+    service = Service(head, config or ServeConfig())
+    cfg = service.config
+
+    def refused(err: Refusal) -> JSONResponse:
+        return JSONResponse({"error": err.message}, status_code=err.status)
+
+    async def page(request):
+        return HTMLResponse(resources.files(__package__).joinpath("static/index.html").read_text("utf-8"))
+
+    async def upload_avatar(request):
+        try:
+            service.check_token(request.headers, request.query_params)
+            form = await read_form(request, cfg.max_upload_bytes)
+            if not isinstance(form.get("photo"), bytes):
+                raise Refusal(400, "send the photo as the multipart field 'photo'.")
+            key, avatar = await asyncio.to_thread(service.avatar, form["photo"], str(form.get("preprocess", "crop")))
+        except Refusal as err:
+            return refused(err)
+        except SadTalkerError as err:
+            return JSONResponse({"error": str(err)}, status_code=400)
+        width, height = avatar.output_size
+        return JSONResponse({"avatar": key, "width": width, "height": height, "notes": avatar.notes})
+
+    async def video(request):
+        try:
+            service.check_token(request.headers, request.query_params)
+            form = await read_form(request, cfg.max_upload_bytes)
+            if not isinstance(form.get("photo"), bytes) or not isinstance(form.get("audio"), bytes):
+                raise Refusal(400, "send multipart fields 'photo' and 'audio'.")
+            options = service.options(form)
+            service.take_slot()
+        except Refusal as err:
+            return refused(err)
+        tmp = Path(tempfile.mkdtemp(prefix="sadtalker-rt-"))
+        try:
+            out = await asyncio.to_thread(_render_job, service, form, options, tmp)
+        except (Refusal, SadTalkerError) as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return refused(err) if isinstance(err, Refusal) else JSONResponse({"error": str(err)}, status_code=400)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        finally:
+            service.slots.give_back()
+        return FileResponse(out, media_type="video/mp4", filename="talk.mp4",
+                            background=BackgroundTask(shutil.rmtree, tmp, ignore_errors=True))
+
+    async def session(ws):
+        await ws.accept()
+        try:
+            service.check_token(ws.headers, ws.query_params)
+            avatar = service.find_avatar(ws.query_params.get("avatar", ""))
+            options = service.options(ws.query_params)
+            service.take_slot()
+        except Refusal as err:
+            await ws.send_text(json.dumps({"type": "error", "message": err.message}))
+            await ws.close(err.ws_code, err.message[:120])
+            return
+        try:
+            await _run_session(service, ws, avatar, options)
+        except WebSocketDisconnect:
+            pass
+        finally:
+            service.slots.give_back()
+
+    app = Starlette(routes=[Route("/", page), Route("/avatars", upload_avatar, methods=["POST"]),
+                            Route("/videos", video, methods=["POST"]), WebSocketRoute("/stream", session)])
+    app.state.service = service
+    return app
+
+
+def _render_job(service: Service, form: dict, options, tmp: Path) -> Path:
+    from .. import media
+    from ..runtime.pipeline import SAMPLE_RATE
+
+    _, avatar = service.avatar(form["photo"], str(form.get("preprocess", "crop")))
+    audio = tmp / "audio"
+    audio.write_bytes(form["audio"])
+    wav = media.load_audio(audio, SAMPLE_RATE)
+    if len(wav) > service.config.max_audio_seconds * SAMPLE_RATE:
+        raise Refusal(413, f"the audio is {len(wav) / SAMPLE_RATE:.1f} s; the limit is "
+                           f"{service.config.max_audio_seconds:g} s.")
+    return service.head.write_video(avatar, wav, tmp / "talk.mp4", options, audio_name="the uploaded audio")
+
+
+async def _run_session(service: Service, ws, avatar, options) -> None:
+    """Three tasks joined by bounded queues: receive PCM, render (in a worker thread), send frames."""
+    from starlette.websockets import WebSocketDisconnect
+
+    from ..runtime.streaming import FrameStream
+
+    cfg = service.config
+    audio: asyncio.Queue = asyncio.Queue(cfg.audio_queue)
+    frames: asyncio.Queue = asyncio.Queue(cfg.frame_queue)
+    stream = FrameStream(service.head, avatar, options)
+    done = object()
+    max_samples = int(cfg.max_audio_seconds * 16000)
+
+    async def receive():
+        received = 0
+        while True:
+            message = await ws.receive()
+            if message["type"] == "websocket.disconnect":
+                raise WebSocketDisconnect(message.get("code", 1000))
+            if message.get("bytes") is not None:
+                data = message["bytes"]
+                if len(data) > cfg.max_message_bytes or len(data) % 2:
+                    raise Refusal(413, f"a PCM message must be whole 16-bit samples and at most "
+                                       f"{cfg.max_message_bytes} bytes.", TOO_BIG)
+                received += len(data) // 2
+                if received > max_samples:
+                    raise Refusal(413, f"the audio is over the limit of {cfg.max_audio_seconds:g} s.", TOO_BIG)
+                await audio.put(data)           # full queue: we stop reading, the client's sends back up
+            elif message.get("text", "").strip() in ("end", '{"type": "end"}', '{"type":"end"}'):
+                await audio.put(None)
+                return
+
+    def next_encoded(iterator):
+        frame = next(iterator, done)
+        return done if frame is done else service.encode(frame)
+
+    async def render():
+        while True:
+            chunk = await audio.get()
+            iterator = await asyncio.to_thread(stream.push if chunk is not None else stream.close,
+                                               *(() if chunk is None else (chunk,)))
+            while (encoded := await asyncio.to_thread(next_encoded, iterator)) is not done:
+                await frames.put(encoded)       # full queue: a slow client slows its own session only
+            if chunk is None or stream.ended:
+                await frames.put(done)
+                return
+
+    async def send():
+        count = 0
+        while (encoded := await frames.get()) is not done:
+            await ws.send_bytes(encoded)
+            count += 1
+        await ws.send_text(json.dumps({"type": "end", "frames": count}))
+
+    tasks = [asyncio.ensure_future(t()) for t in (receive, render, send)]
+    try:
+        await asyncio.wait([tasks[2]] + [t for t in tasks[:2]], return_when=asyncio.FIRST_EXCEPTION)
+        for task in tasks:
+            if task.done() and task.exception() is not None:
+                raise task.exception()
+        await tasks[2]
+        await ws.close()
+    except Refusal as err:
+        await _close_with(ws, err.message, err.ws_code)
+    except SadTalkerError as err:
+        await _close_with(ws, str(err), POLICY_VIOLATION)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _close_with(ws, message: str, code: int) -> None:
+    try:
+        await ws.send_text(json.dumps({"type": "error", "message": message}))
+        await ws.close(code, message[:120])
+    except Exception:       # the client is gone already
+        pass

@@ -1,0 +1,125 @@
+"""TalkingHead.stream equals the offline generate frame for frame, whatever the chunk sizes."""
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+from stream_support import CHUNK_MS, CheapRendererBackend, chunked
+
+from sadtalker_rt import media
+from sadtalker_rt.models.checkpoints import WeightSource
+from sadtalker_rt.runtime.pipeline import Options, TalkingHead
+from sadtalker_rt.runtime.streaming import FrameStream
+
+SPEECH = ("RD_Radio31_000.wav", "bus_chinese.wav", "chinese_poem1.wav")
+# Audio frames a frame may wait for beyond its own: PoseVAE chunk (up to 31 + 32), smoothing 6, semantic radius
+# 13, mel window about 3.3 (see sadtalker_rt.runtime.streaming), rounded up, plus an incomplete renderer batch.
+MAX_LAG_FRAMES = 56
+
+
+@pytest.fixture(scope="module")
+def real_head() -> TalkingHead:
+    return TalkingHead.from_weights(WeightSource(synthetic_seed=0), size=256)
+
+
+@pytest.fixture(scope="module")
+def avatar(real_head, assets_dir):
+    return real_head.prepare_avatar(assets_dir / "happy.png", "crop")
+
+
+@pytest.fixture(scope="module")
+def head(real_head) -> TalkingHead:
+    return TalkingHead(CheapRendererBackend(real_head.backend), real_head.size)
+
+
+def speech(assets_dir, name: str, seconds: float) -> np.ndarray:
+    return media.load_audio(assets_dir / name)[:int(seconds * 16000)]
+
+
+def streamed(head, avatar, wav, ms, options):
+    """Frames of ``stream`` and, per frame, the audio frames that had arrived when it came out."""
+    session = FrameStream(head, avatar, options)
+    frames, heard = [], []
+    received = 0
+    for chunk in chunked(wav, ms):
+        received += len(chunk)
+        for frame in session.push(chunk):
+            frames.append(frame)
+            heard.append(received / 640)
+    for frame in session.close():
+        frames.append(frame)
+        heard.append(None)
+    return frames, heard
+
+
+def assert_same_frames(got, expected):
+    assert [f.index for f in got] == list(range(len(expected)))
+    assert [f.timestamp for f in got] == [f.timestamp for f in expected]
+    for g, e in zip(got, expected):
+        assert np.array_equal(g.image, e.image), f"frame {g.index} differs"
+
+
+@pytest.mark.parametrize("name", SPEECH)
+def test_stream_equals_generate_on_every_speech_file(head, avatar, assets_dir, name):
+    wav = speech(assets_dir, name, 0.5)
+    options = Options(seed=7, batch_size=2)
+    expected = list(head.generate(avatar, wav, options))
+    assert len(expected) == 12
+    for ms in CHUNK_MS:
+        assert_same_frames(streamed(head, avatar, wav, ms, options)[0], expected)
+
+
+def test_frames_come_out_before_the_audio_ends(head, avatar, assets_dir):
+    wav = speech(assets_dir, "bus_chinese.wav", 3.0)
+    options = Options(seed=2, batch_size=3, expression_scale=1.5)
+    expected = list(head.generate(avatar, wav, options))
+    got, heard = streamed(head, avatar, wav, 20, options)
+    assert_same_frames(got, expected)
+    early = [(f.index, h) for f, h in zip(got, heard) if h is not None]
+    assert len(early) >= 75 - MAX_LAG_FRAMES, f"only {len(early)} of 75 frames before the end"
+    assert max(h - index for index, h in early) <= MAX_LAG_FRAMES
+
+
+def test_real_renderer_streams_the_offline_frames(real_head, avatar, assets_dir):
+    wav = speech(assets_dir, "RD_Radio31_000.wav", 0.09)
+    options = Options(seed=1, batch_size=1)
+    expected = list(real_head.generate(avatar, wav, options))
+    assert len(expected) == 2
+    assert_same_frames(streamed(real_head, avatar, wav, 20, options)[0], expected)
+
+
+def test_int16_bytes_async_still_and_duration(head, avatar, assets_dir):
+    wav = speech(assets_dir, "chinese_poem1.wav", 0.6)
+    pcm = np.clip(np.rint(wav * 32768), -32768, 32767).astype("<i2")
+    options = Options(seed=3, still=True, duration=0.45)
+    expected = list(head.generate(avatar, pcm.astype(np.float32) / 32768, options))
+    assert len(expected) == 11
+
+    async def chunks():
+        for i in range(0, len(pcm), 333):
+            yield pcm[i:i + 333].tobytes()
+
+    async def collect():
+        return [frame async for frame in head.stream(avatar, chunks(), options)]
+
+    assert_same_frames(asyncio.run(collect()), expected)
+    assert_same_frames(list(head.stream(avatar, [pcm], options)), expected)
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("name", SPEECH)
+@pytest.mark.parametrize("ms", CHUNK_MS)
+def test_stream_equals_generate_on_long_speech(head, avatar, assets_dir, name, ms):
+    wav = speech(assets_dir, name, 6.0)
+    options = Options(seed=5, batch_size=4)
+    assert_same_frames(streamed(head, avatar, wav, ms, options)[0], list(head.generate(avatar, wav, options)))
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("ms", CHUNK_MS)
+def test_real_renderer_every_chunk_size(real_head, avatar, assets_dir, ms):
+    wav = speech(assets_dir, "bus_chinese.wav", 0.25)
+    options = Options(seed=4, batch_size=2)
+    assert_same_frames(streamed(real_head, avatar, wav, ms, options)[0],
+                       list(real_head.generate(avatar, wav, options)))
