@@ -2,6 +2,7 @@
 nothing leaked afterwards."""
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -70,7 +71,7 @@ def stream_session(ws_url: str, avatar: str, pcm: np.ndarray, seed: int, chunk: 
             ws.send(pcm[i:i + chunk].tobytes())
         ws.send("end")
         while True:
-            message = ws.recv(timeout=300)
+            message = ws.recv(timeout=3600)     # every render of every session on 2 shared CPU cores
             if isinstance(message, str):
                 reply = json.loads(message)
                 assert reply == {"type": "end", "frames": len(frames)}, reply
@@ -148,17 +149,15 @@ def test_serve_sessions_jobs_refusals_and_no_leaks(head, assets_dir, tmp_path, m
                 assert all(np.array_equal(g, w) for g, w in zip(got, want))
 
             # too many sessions: the seventh is refused at once, with a reason
-            idle = [connect(f"{server.ws}/stream?avatar={avatar_id}", additional_headers=AUTH) for _ in range(6)]
-            try:
+            with contextlib.ExitStack() as idle:
+                for _ in range(6):
+                    idle.enter_context(connect(f"{server.ws}/stream?avatar={avatar_id}", additional_headers=AUTH))
                 deadline = time.time() + 30
                 while server.service.slots.used < 6 and time.time() < deadline:
                     time.sleep(0.05)
                 assert "busy" in refusal(server.ws, f"avatar={avatar_id}", AUTH)
                 assert client.post("/videos", files={"photo": photo, "audio": wav_bytes(pcm)},
                                    headers=AUTH).status_code == 503
-            finally:
-                for ws in idle:
-                    ws.close()
             # too much audio in one session, and a disconnect mid-session: both free their slot
             assert "limit" in refusal(server.ws, f"avatar={avatar_id}", AUTH, send=b"\0" * (2**20 + 2))
             long_pcm = np.zeros(int(2.5 * 16000), "<i2")
@@ -166,6 +165,8 @@ def test_serve_sessions_jobs_refusals_and_no_leaks(head, assets_dir, tmp_path, m
                 ws.send(long_pcm[:16000].tobytes())
                 ws.send(long_pcm[16000:].tobytes())
                 assert "2 s" in json.loads(ws.recv(timeout=60))["message"]
+            with connect(f"{server.ws}/stream?avatar={avatar_id}", additional_headers=AUTH) as ws:
+                ws.send(long_pcm[:20000].tobytes())          # and leave without "end"
             deadline = time.time() + 30
             while server.service.slots.used and time.time() < deadline:
                 time.sleep(0.05)
@@ -175,4 +176,5 @@ def test_serve_sessions_jobs_refusals_and_no_leaks(head, assets_dir, tmp_path, m
     time.sleep(0.5)
     assert threading.active_count() <= threads, [t.name for t in threading.enumerate()]
     assert open_fds() <= fds
-    assert list(scratch.iterdir()) == []
+    # torch keeps a compile cache folder in the temp dir once it is touched; that is torch's, not a leak
+    assert [p.name for p in scratch.iterdir() if not p.name.startswith("torchinductor_")] == []

@@ -74,23 +74,27 @@ class Service:
         key = f"{hashlib.sha256(photo).hexdigest()}-{preprocess}"
         with self._avatar_lock:
             lock = self._preparing.setdefault(key, threading.Lock())
-        with lock:                 # two uploads of one photo prepare it once
-            with self._avatar_lock:
-                if key in self.avatars:
-                    self.avatars.move_to_end(key)
-                    return key, self.avatars[key]
-            with tempfile.TemporaryDirectory(prefix="sadtalker-rt-") as tmp:
-                path = Path(tmp) / "photo"
-                path.write_bytes(photo)
+        try:
+            with lock:                 # two uploads of one photo prepare it once
+                with self._avatar_lock:
+                    if key in self.avatars:
+                        self.avatars.move_to_end(key)
+                        return key, self.avatars[key]
                 from .. import media
-                image = media.load_image(path)
-            avatar = self.head.prepare_avatar(image, preprocess, name="the uploaded photo")
+
+                with tempfile.TemporaryDirectory(prefix="sadtalker-rt-") as tmp:
+                    path = Path(tmp) / "photo"
+                    path.write_bytes(photo)
+                    image = media.load_image(path)
+                avatar = self.head.prepare_avatar(image, preprocess, name="the uploaded photo")
+                with self._avatar_lock:
+                    self.avatars[key] = avatar
+                    while len(self.avatars) > self.config.max_avatars:
+                        self.avatars.popitem(last=False)
+                return key, avatar
+        finally:
             with self._avatar_lock:
-                self.avatars[key] = avatar
-                while len(self.avatars) > self.config.max_avatars:
-                    self.avatars.popitem(last=False)
                 self._preparing.pop(key, None)
-            return key, avatar
 
     def find_avatar(self, key: str):
         with self._avatar_lock:
@@ -226,8 +230,8 @@ def create_app(head, config: Optional[ServeConfig] = None):
             return
         try:
             await _run_session(service, ws, avatar, options)
-        except WebSocketDisconnect:
-            pass
+        except (WebSocketDisconnect, OSError, RuntimeError):
+            pass            # the client went away (sending to a closed socket raises one of these)
         finally:
             service.slots.give_back()
 
@@ -272,9 +276,11 @@ async def _run_session(service: Service, ws, avatar, options) -> None:
                 raise WebSocketDisconnect(message.get("code", 1000))
             if message.get("bytes") is not None:
                 data = message["bytes"]
-                if len(data) > cfg.max_message_bytes or len(data) % 2:
-                    raise Refusal(413, f"a PCM message must be whole 16-bit samples and at most "
-                                       f"{cfg.max_message_bytes} bytes.", TOO_BIG)
+                if len(data) > cfg.max_message_bytes:
+                    raise Refusal(413, f"a PCM message of {len(data)} bytes is over the limit of "
+                                       f"{cfg.max_message_bytes}.", TOO_BIG)
+                if len(data) % 2:
+                    raise Refusal(400, "a PCM message must be whole 16-bit samples (an even number of bytes).")
                 received += len(data) // 2
                 if received > max_samples:
                     raise Refusal(413, f"the audio is over the limit of {cfg.max_audio_seconds:g} s.", TOO_BIG)
@@ -307,7 +313,7 @@ async def _run_session(service: Service, ws, avatar, options) -> None:
 
     tasks = [asyncio.ensure_future(t()) for t in (receive, render, send)]
     try:
-        await asyncio.wait([tasks[2]] + [t for t in tasks[:2]], return_when=asyncio.FIRST_EXCEPTION)
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
         for task in tasks:
             if task.done() and task.exception() is not None:
                 raise task.exception()

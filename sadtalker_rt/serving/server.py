@@ -15,5 +15,5 @@ def make_server(head, host: str = "127.0.0.1", port: int = 8000, config: ServeCo
         raise UsageError(f"listening on {host} (beyond loopback) needs a bearer token: --token TOKEN "
                          "or SADTALKER_RT_TOKEN.")
     app = create_app(head, config)
-    return uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", ws="websockets",
+    return uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", ws="websockets-sansio",
                                          ws_max_size=config.max_message_bytes + 1024, lifespan="off"))
