@@ -59,7 +59,11 @@ def streamed(head: TalkingHead, avatar, wav: np.ndarray, options: Options, chunk
 
     feeder = threading.Thread(target=feed, daemon=True)
     feeder.start()
-    times = [time.perf_counter() for _ in head.stream(avatar, iter(chunks.get, None), options)]
+    def arriving():
+        while (chunk := chunks.get()) is not None:
+            yield chunk
+
+    times = [time.perf_counter() for _ in head.stream(avatar, arriving(), options)]
     feeder.join()
     return _summarise(start, times, len(wav) / SAMPLE_RATE)
 
