@@ -360,7 +360,8 @@ def serve(
 def _bench_streaming(weights, size, device, image, audio, sessions, chunk_ms, seconds, json_out, markdown_out):
     import json
 
-    from . import bench_streaming, media
+    from . import media
+    from .serving import bench as bench_streaming
     from .runtime.pipeline import SAMPLE_RATE, TalkingHead
 
     if sessions < 1 or chunk_ms <= 0 or seconds <= 0:

@@ -8,6 +8,7 @@ import pytest
 
 from sadtalker_rt import media
 from sadtalker_rt.models.checkpoints import WeightSource
+from sadtalker_rt.runtime.backends import SerialBackend
 from sadtalker_rt.runtime.pipeline import Options, TalkingHead
 from sadtalker_rt.runtime.streaming import FrameStream
 
@@ -29,7 +30,7 @@ class CheapRenderer:
         return {"frames": (0.5 + 0.5 * np.sin(kp[:, self.pick] * 40 + self.ramp)).astype(np.float32)}
 
 
-class CheapRendererBackend:
+class CheapRendererBackend(SerialBackend):
     """The real backend for every stage but the renderer."""
 
     def __init__(self, backend):
@@ -164,7 +165,7 @@ def test_real_renderer_every_chunk_size(real_head, avatar, assets_dir, ms):
 
 def test_streaming_bench_reports_one_and_two_sessions(head, avatar, assets_dir):
     pytest.importorskip("starlette", reason="the 'serve' extra is not installed")
-    from sadtalker_rt import bench_streaming
+    from sadtalker_rt.serving import bench as bench_streaming
 
     wav = speech(assets_dir, "bus_chinese.wav", 1.8)
     report = bench_streaming.run(head, avatar, wav, sessions=(1, 2), chunk_ms=40, options=Options(batch_size=1))

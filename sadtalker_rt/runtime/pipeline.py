@@ -20,8 +20,7 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 import numpy as np
 
 from ..errors import InputError, UsageError
-from ..stages import (COEFFS, EXPRESSION, FPS, POSE, POSE_CHUNK, PREPROCESS_MODES, SAMPLE_RATE, SAMPLES_PER_FRAME,
-                      STAGES, is_full, mapping_stage, pose_chunks)
+from ..stages import (COEFFS, FPS, PREPROCESS_MODES, SAMPLE_RATE, SAMPLES_PER_FRAME, is_full, mapping_stage)
 
 Progress = Callable[[str, int, int], None]   # (stage, done, total)
 ImageLike = Union[str, Path, np.ndarray]

@@ -31,7 +31,6 @@ from ..stages import POSE_CHUNK, SAMPLES_PER_FRAME, SEMANTIC_RADIUS, PoseChunk, 
 from . import audio_features as af
 from .coeffs import SMOOTH_WINDOW, BlinkTrack, blink_generator, pose_latent, smooth_pose_rows, target_rows
 
-POSE_SEQ_LEN = POSE_CHUNK
 EXP_GROUP = POSE_CHUNK            # frames per ExpNet call, aligned at multiples of 32
 BLINK_LOOKAHEAD = 6               # a blink of 5 frames must end before the last frame
 NO_BLINK_FRAMES = 21              # utterances of up to 21 frames have no blinks
@@ -209,20 +208,20 @@ class MotionStream:
         if T is None:
             chunks = []
             k = self.chunks_done
-            while windows >= POSE_SEQ_LEN * (k + 1) + 1:       # audio frames 32k + 1 .. 32k + 32 are final
-                chunks.append(PoseChunk(k * POSE_SEQ_LEN, (k + 1) * POSE_SEQ_LEN, POSE_SEQ_LEN))
+            while windows >= POSE_CHUNK * (k + 1) + 1:       # audio frames 32k + 1 .. 32k + 32 are final
+                chunks.append(PoseChunk(k * POSE_CHUNK, (k + 1) * POSE_CHUNK, POSE_CHUNK))
                 k += 1
         else:
             chunks = pose_chunks(T)[self.chunks_done:]
         total = None if T is None else len(pose_chunks(T))
         for chunk in chunks:
             window = self.windows(1 + chunk.start, 1 + chunk.stop)     # audio after the reference frame
-            if len(window) < POSE_SEQ_LEN:   # fewer than 32 frames in all: repeat the first window
-                window = np.concatenate([np.repeat(window[:1], POSE_SEQ_LEN - len(window), axis=0), window])
+            if len(window) < POSE_CHUNK:   # fewer than 32 frames in all: repeat the first window
+                window = np.concatenate([np.repeat(window[:1], POSE_CHUNK - len(window), axis=0), window])
             out = self.infer("audio2pose", indiv_mels=window[:, None], ref_pose=self.ref[None, 64:70],
                              pose_style=np.array([self.options.pose_style], np.int64),
                              noise=pose_latent(self.options.seed, self.chunks_done))["motion"]
-            self.pose_raw.append(self.ref[None, 64:70] + out[POSE_SEQ_LEN - chunk.keep:])
+            self.pose_raw.append(self.ref[None, 64:70] + out[POSE_CHUNK - chunk.keep:])
             self.chunks_done += 1
             if total:
                 self.progress("audio2pose", self.chunks_done, total)

@@ -28,9 +28,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 
 from ..errors import SadTalkerError
+from ..stages import SAMPLE_RATE
 from .limits import FairTurns, ServeConfig, Slots, TurnTakingBackend
 
 FRAME_HEADER = struct.Struct("<Id")
@@ -243,7 +243,6 @@ def create_app(head, config: Optional[ServeConfig] = None):
 
 def _render_job(service: Service, form: dict, options, tmp: Path) -> Path:
     from .. import media
-    from ..runtime.pipeline import SAMPLE_RATE
 
     _, avatar = service.avatar(form["photo"], str(form.get("preprocess", "crop")))
     audio = tmp / "audio"
@@ -266,7 +265,7 @@ async def _run_session(service: Service, ws, avatar, options) -> None:
     frames: asyncio.Queue = asyncio.Queue(cfg.frame_queue)
     stream = FrameStream(service.head, avatar, options)
     done = object()
-    max_samples = int(cfg.max_audio_seconds * 16000)
+    max_samples = int(cfg.max_audio_seconds * SAMPLE_RATE)
 
     async def receive():
         received = 0

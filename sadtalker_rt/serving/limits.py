@@ -84,11 +84,19 @@ class Slots:
 
 
 class TurnTakingBackend:
-    """A backend whose runners take turns (``FairTurns``) around every call."""
+    """A backend whose runners take turns (``FairTurns``) around every call; the frame scheduler calls its
+    stages in order (sessions interleave between calls)."""
 
     def __init__(self, backend, turns: FairTurns):
         self.inner, self.turns, self.size = backend, turns, backend.size
+        self.name, self.precision = f"{getattr(backend, 'name', 'backend')} (shared)", getattr(backend, "precision", None)
+        self.notes = list(getattr(backend, "notes", []))
         self._runners = {}
+
+    def executor(self):
+        from ..runtime.scheduler import SerialExecutor
+
+        return SerialExecutor(self.runner)
 
     def runner(self, stage: str):
         if stage not in self._runners:

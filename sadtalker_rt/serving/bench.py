@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .runtime.pipeline import FPS, SAMPLE_RATE, Options, TalkingHead
+from ..runtime.pipeline import FPS, SAMPLE_RATE, Options, TalkingHead
 
 
 @dataclass
@@ -71,7 +71,7 @@ def streamed(head: TalkingHead, avatar, wav: np.ndarray, options: Options, chunk
 def run(head: TalkingHead, avatar, wav: np.ndarray, sessions: tuple[int, ...] = (1, 4), chunk_ms: float = 20.0,
         options: Options = Options(batch_size=1)) -> dict:
     """Offline and streamed timings; N sessions take turns per model call on one model."""
-    from .serving.limits import FairTurns, TurnTakingBackend
+    from .limits import FairTurns, TurnTakingBackend
 
     report = {"audio_seconds": len(wav) / SAMPLE_RATE, "chunk_ms": chunk_ms, "batch_size": options.batch_size,
               "offline": offline(head, avatar, wav, options).__dict__, "streaming": {}}
