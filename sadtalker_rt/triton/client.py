@@ -24,7 +24,7 @@ from typing import Iterator, Optional, Union
 import numpy as np
 
 from ..errors import EnvironmentProblem, SadTalkerError, UsageError
-from ..stages import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME
+from ..stages import FPS, SAMPLE_RATE
 from .layout import AVATAR, OPTION_FIELDS, TALKING_HEAD
 
 SCHEMES = {"triton": "grpc", "grpc": "grpc", "http": "http", "triton+http": "http"}
@@ -33,7 +33,7 @@ SCHEMES = {"triton": "grpc", "grpc": "grpc", "http": "http", "triton+http": "htt
 class ServingError(SadTalkerError):
     """The Triton server could not be reached, refused a request, or stopped during a stream."""
 
-    exit_code = 7
+    exit_code = 8
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ it, so tensors cross through DLPack only (``_array``, ``_tensor``). Only importe
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import pickle
@@ -27,9 +28,8 @@ from . import layout
 
 
 def _pb():
-    import triton_python_backend_utils as pb_utils
-
-    return pb_utils
+    # Provided by the Triton Python backend inside its stub process, not by any distribution.
+    return importlib.import_module("triton_python_backend_utils")
 
 
 def _array(tensor) -> np.ndarray:
@@ -37,7 +37,9 @@ def _array(tensor) -> np.ndarray:
 
 
 def _tensor(name: str, array: np.ndarray):
-    return _pb().Tensor.from_dlpack(name, np.ascontiguousarray(array))
+    if not (array.flags.c_contiguous and array.flags.writeable):    # DLPack 0.x exports writable arrays only
+        array = np.array(array, order="C", copy=True)
+    return _pb().Tensor.from_dlpack(name, array.__dlpack__())
 
 
 def _input(request, name: str):
