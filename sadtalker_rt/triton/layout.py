@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..stages import BATCH, FRAMES, STAGES, Stage, Tensor
+from ..stages import BATCH, FRAMES, Stage, Tensor
 
 TRITON_DTYPES = {"float32": "FP32", "float16": "FP16", "int64": "INT64", "int32": "INT32", "uint8": "UINT8"}
 
@@ -74,7 +74,3 @@ OPTION_FIELDS = (Field("pose_style", "int32", (1,), True), Field("seed", "int32"
                  Field("batch_size", "int32", (1,), True))
 TALKING_HEAD_INPUTS = (Field("avatar_id", "uint8", (-1,)), Field("audio", "float32", (-1,))) + OPTION_FIELDS
 TALKING_HEAD_OUTPUTS = (Field("frame", "uint8", (-1, -1, 3)), Field("index", "int32", (1,)))
-
-
-def all_models() -> tuple[str, ...]:
-    return (*STAGES, AVATAR, TALKING_HEAD)

@@ -128,12 +128,12 @@ class BlsBackend:
     name = "triton"
     precision = None
 
-    def __init__(self, size: int, batched_stages: set[str]):
+    def __init__(self, size: int, batched_stages: set[str], stages: list[str]):
         from ..runtime.scheduler import SerialExecutor
 
         self.size = size
         self.notes: list[str] = []
-        self._runners = {name: BlsRunner(name, name in batched_stages) for name in STAGES}
+        self._runners = {name: BlsRunner(name, name in batched_stages) for name in stages}
         self._executor = SerialExecutor(self.runner)
 
     def runner(self, stage: str) -> BlsRunner:
@@ -195,7 +195,8 @@ def _glue_setup(args: dict):
     params = _parameters(args)
     size = int(params["size"])
     batched = {s for s in params.get("batched_stages", "").split(",") if s}
-    return TalkingHead(BlsBackend(size, batched), size), AvatarStore(params["avatar_store"])
+    stages = [s for s in params.get("stages", ",".join(STAGES)).split(",") if s]
+    return TalkingHead(BlsBackend(size, batched, stages), size), AvatarStore(params["avatar_store"])
 
 
 class AvatarModel:

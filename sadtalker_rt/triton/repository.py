@@ -32,6 +32,9 @@ from .layout import AVATAR, TALKING_HEAD, Field
 
 STAGE_BACKENDS = ("native", "python")
 QUEUE_DELAY_US = 2000          # how long a per-frame request may wait for others to form a batch
+# What the default pipeline calls; other stages of the table are served when the export has them.
+REQUIRED = ("face3d_recon", "kp_detector", "source_encoder", "mapping", "mapping_full", "renderer", "audio2exp",
+            "audio2pose")
 MODEL_FILE = {"onnxruntime_onnx": "model.onnx", "tensorrt_plan": "model.plan"}
 
 
@@ -153,9 +156,10 @@ def write_repository(artifacts: Path, output: Path, stage_backend: str = "native
     artifacts, output = Path(artifacts), Path(output)
     manifest = load_manifest(artifacts)
     size = int(manifest["size"])
-    missing = [name for name in STAGES if name not in manifest["stages"]]
+    missing = [name for name in REQUIRED if name not in manifest["stages"]]
     if missing:
-        raise WeightsError(f"{artifacts} lacks the stages {', '.join(missing)}; export all stages for a repository.")
+        raise WeightsError(f"{artifacts} lacks the stages {', '.join(missing)}; export them for a repository.")
+    served = [name for name in STAGES if name in manifest["stages"]]
     engine_record = _engines_record(engines) if engines is not None else None
     placement = placement or Placement(kind="cpu" if stage_backend == "python" else "gpu")
     if output.exists() and not overwrite:
@@ -165,7 +169,8 @@ def write_repository(artifacts: Path, output: Path, stage_backend: str = "native
     summary = {"size": size, "stage_backend": stage_backend, "models": {}, "checks": {}}
     batched_stages = []
     try:
-        for name, stage in STAGES.items():
+        for name in served:
+            stage = STAGES[name]
             folder = staging / name / "1"
             folder.mkdir(parents=True)
             graph = verified_path(artifacts, manifest, name)
@@ -193,7 +198,8 @@ def write_repository(artifacts: Path, output: Path, stage_backend: str = "native
             summary["models"][name] = {"how": "python" if stage_backend == "python" else platform,
                                        "batched": batched, "preferred_batch_size": list(preferred) if batched else []}
         store = avatar_store or _default_store(output)
-        glue = {"size": str(size), "avatar_store": store, "batched_stages": ",".join(batched_stages)}
+        glue = {"size": str(size), "avatar_store": store, "batched_stages": ",".join(batched_stages),
+                "stages": ",".join(served)}
         for name, entry in ((AVATAR, "AvatarModel"), (TALKING_HEAD, "TalkingHeadModel")):
             (staging / name / "1").mkdir(parents=True)
             (staging / name / "1" / "model.py").write_text(_python_model(entry))
@@ -222,7 +228,7 @@ def _engines_record(engines: Path) -> dict:
     if not path.is_file():
         raise WeightsError(f"{path} is missing; build the engines with `sadtalker-rt build`.")
     record = json.loads(path.read_text())
-    missing = [name for name in STAGES if name not in record.get("stages", {})]
+    missing = [name for name in REQUIRED if name not in record.get("stages", {})]
     if missing:
         raise WeightsError(f"{engines} lacks engines for {', '.join(missing)}.")
     return record
