@@ -23,6 +23,8 @@ def triton_repo(
     glue_instances: int = typer.Option(1, "--glue-instances", help="instances of the avatar and talking_head models"),
     avatar_store: Optional[str] = typer.Option(None, "--avatar-store", help="folder (on the server) for prepared "
                                                "avatars; share it between replicas (default: a temp folder)"),
+    max_batch: Optional[int] = typer.Option(None, "--max-batch", help="cap the per-frame batches below the engine "
+                                            "profiles (CPU instances: a 256 renderer batch of 8 needs ~5 GB)"),
     no_check: bool = typer.Option(False, "--no-check", help="skip the numeric check of the batched graphs"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing OUTPUT"),
 ) -> None:
@@ -34,6 +36,8 @@ def triton_repo(
     default_kind = "cpu" if stage_backend == "python" else "gpu"
     if (kind or default_kind) not in ("gpu", "cpu"):
         raise UsageError(f"--kind must be gpu or cpu, not '{kind}'.")
+    if max_batch is not None and max_batch < 1:
+        raise UsageError("--max-batch must be at least 1.")
     if instances < 1 or glue_instances < 1:
         raise UsageError("--instances and --glue-instances must be at least 1.")
     try:
@@ -42,7 +46,7 @@ def triton_repo(
         raise UsageError(f"--gpus takes comma-separated GPU ids, not '{gpus}'.") from None
     placement = Placement(kind or default_kind, ids, instances, glue_instances)
     summary = write_repository(artifacts, output, stage_backend, engines, placement, avatar_store,
-                               check=not no_check, overwrite=overwrite)
+                               check=not no_check, overwrite=overwrite, max_batch=max_batch)
     for name, model in summary["models"].items():
         batching = f"  dynamic batching, preferred {model['preferred_batch_size']}" if model.get("batched") else ""
         streaming = "  decoupled (streams frames)" if model.get("decoupled") else ""

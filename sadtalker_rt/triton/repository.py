@@ -75,13 +75,14 @@ def _parameters(values: dict[str, str]) -> str:
 
 def stage_config(stage: Stage, size: int, how: str, placement: Placement, batched: bool,
                  preferred: tuple[int, ...], parameters: Optional[dict] = None) -> str:
+    """``max_batch_size`` is the largest preferred batch size (the profile's maximum unless capped)."""
     """config.pbtxt of one stage model; ``how`` is a platform or ``python``."""
     inputs, outputs = layout.stage_fields(stage, size)
     if not batched:           # one request = one call with the stage table's own shapes
         inputs = tuple(Field(t.name, t.dtype, tuple(t.resolve(size, batch=-1, frames=-1))) for t in stage.inputs)
         outputs = tuple(Field(t.name, t.dtype, tuple(t.resolve(size, batch=-1, frames=-1))) for t in stage.outputs)
     head = f'backend: "python"' if how == "python" else f'platform: "{how}"'
-    text = f'name: "{stage.name}"\n{head}\nmax_batch_size: {layout.max_batch_size(stage) if batched else 0}\n'
+    text = f'name: "{stage.name}"\n{head}\nmax_batch_size: {max(preferred) if batched else 0}\n'
     text += _io_text(inputs, outputs)
     if batched:
         sizes = ", ".join(map(str, preferred))
@@ -146,7 +147,7 @@ def check_batched_graph(original: Path, batched: Path, stage: Stage, size: int, 
 
 def write_repository(artifacts: Path, output: Path, stage_backend: str = "native", engines: Optional[Path] = None,
                      placement: Optional[Placement] = None, avatar_store: Optional[str] = None,
-                     check: bool = True, overwrite: bool = False) -> dict:
+                     check: bool = True, overwrite: bool = False, max_batch: Optional[int] = None) -> dict:
     """Write the repository into ``output`` (made beside it and renamed when complete); returns a summary."""
     if stage_backend not in STAGE_BACKENDS:
         raise UsageError(f"--stage-backend must be native or python, not '{stage_backend}'.")
@@ -188,6 +189,8 @@ def write_repository(artifacts: Path, output: Path, stage_backend: str = "native
                 shutil.copyfile(graph, folder / "model.onnx")
             if batched:
                 batched_stages.append(name)
+                if max_batch is not None:       # a cap below the profile (host memory of CPU instances)
+                    preferred = tuple(sorted({min(p, max_batch) for p in preferred}))
             if stage_backend == "python":
                 (folder / "model.py").write_text(_python_model("StageModel"))
                 config = stage_config(stage, size, "python", placement, batched, preferred,
