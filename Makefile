@@ -15,7 +15,10 @@ $(BIN)/python:
 
 setup: $(BIN)/python
 	$(BIN)/python -m pip install --quiet $(TORCH)
-	$(BIN)/python -m pip install --quiet -e '.[torch,dev,serve]'
+	$(BIN)/python -m pip install --quiet -e '.[torch,dev,serve,triton]'
+	# tritonserver 2.51 and its Python backend for local serving and tests; --no-deps: the wheel pins numpy<2,
+	# and only its bundled binary and stubs are used (they run under numpy 2 through DLPack).
+	$(BIN)/python -m pip install --quiet --no-deps nvidia-pytriton==0.7.0
 
 demo: setup
 	mkdir -p out

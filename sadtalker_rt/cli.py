@@ -302,6 +302,15 @@ def bench(
         raise bench_mod.ParityFailure(f"parity failed or the run crashed for {', '.join(bad)} (reports written).")
 
 
+def _register_triton() -> None:
+    from .triton.cli import register
+
+    register(app)
+
+
+_register_triton()
+
+
 def _enhancer_weights(enhancer: Optional[str], location: Optional[Path], checkpoints: Optional[Path],
                       synthetic_weights: Optional[int]):
     if enhancer is None:
