@@ -62,6 +62,7 @@ class Stage:
     fp32_reason: str = ""                   # non-empty: the stage stays FP32 in "fp16" exports, and why
     rtol_fp32: float = 1e-4                 # export validation of FP32 graphs (issue contract)
     profile: tuple[int, int, int] = (1, 1, 1)   # TensorRT min/opt/max of the dynamic axis
+    option: str = ""                        # the run option that needs this stage; "" for the default pipeline
 
     @property
     def dynamic(self) -> bool:
@@ -132,6 +133,7 @@ STAGES: dict[str, Stage] = {
         subnetworks=(name,),
         fp32_reason=_MAPPING_FP32,
         profile=(1, 4, 32),
+        option="--input-yaw/--input-pitch/--input-roll",
     ) for name, channels in (("mapping", COEFFS), ("mapping_full", FULL_COEFFS))},
     # Dense motion, two 5-D grid samples, occlusion, SPADE decoder: the hot path.
     "renderer": Stage(
@@ -171,6 +173,7 @@ STAGES: dict[str, Stage] = {
 }
 
 ORDER = tuple(STAGES)           # export and report order: per photo, per frame, per utterance
+DEFAULT_PIPELINE = tuple(name for name in ORDER if not STAGES[name].option)   # what every run calls
 
 # The face enhancer (``--enhancer gfpgan``): GFPGAN v1.4 on 512x512 faces aligned to the FFHQ template, and
 # the parsing network whose classes shape the paste-back mask. Alignment and paste-back are numpy/OpenCV.
@@ -186,6 +189,7 @@ STAGES["enhancer"] = Stage(
     outputs=(Tensor("image", (BATCH, 3, ENHANCER_FACE, ENHANCER_FACE)),),
     subnetworks=("gfpgan",),
     profile=(1, 4, 8),
+    option="--enhancer gfpgan",
 )
 STAGES["face_parse"] = Stage(
     "face_parse", "frame",
@@ -193,6 +197,7 @@ STAGES["face_parse"] = Stage(
     outputs=(Tensor("parse", (BATCH, ENHANCER_FACE, ENHANCER_FACE), "int64"),),
     subnetworks=("parsenet",),
     profile=(1, 4, 8),
+    option="--enhancer gfpgan",
 )
 
 

@@ -26,15 +26,12 @@ from typing import Optional
 
 from ..errors import UsageError, WeightsError
 from ..runtime.manifest import load_manifest, verified_path
-from ..stages import STAGES, Stage
+from ..stages import DEFAULT_PIPELINE, STAGES, Stage
 from . import layout
 from .layout import AVATAR, TALKING_HEAD, Field
 
 STAGE_BACKENDS = ("native", "python")
 QUEUE_DELAY_US = 2000          # how long a per-frame request may wait for others to form a batch
-# What the default pipeline calls; other stages of the table are served when the export has them.
-REQUIRED = ("face3d_recon", "kp_detector", "source_encoder", "mapping", "mapping_full", "renderer", "audio2exp",
-            "audio2pose")
 MODEL_FILE = {"onnxruntime_onnx": "model.onnx", "tensorrt_plan": "model.plan"}
 
 
@@ -157,7 +154,7 @@ def write_repository(artifacts: Path, output: Path, stage_backend: str = "native
     artifacts, output = Path(artifacts), Path(output)
     manifest = load_manifest(artifacts)
     size = int(manifest["size"])
-    missing = [name for name in REQUIRED if name not in manifest["stages"]]
+    missing = [name for name in DEFAULT_PIPELINE if name not in manifest["stages"]]
     if missing:
         raise WeightsError(f"{artifacts} lacks the stages {', '.join(missing)}; export them for a repository.")
     served = [name for name in STAGES if name in manifest["stages"]]
@@ -231,7 +228,7 @@ def _engines_record(engines: Path) -> dict:
     if not path.is_file():
         raise WeightsError(f"{path} is missing; build the engines with `sadtalker-rt build`.")
     record = json.loads(path.read_text())
-    missing = [name for name in REQUIRED if name not in record.get("stages", {})]
+    missing = [name for name in DEFAULT_PIPELINE if name not in record.get("stages", {})]
     if missing:
         raise WeightsError(f"{engines} lacks engines for {', '.join(missing)}.")
     return record
