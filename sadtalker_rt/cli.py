@@ -6,6 +6,7 @@ problem (see ``sadtalker_rt.errors``); ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import re
+import shlex
 import sys
 from pathlib import Path
 from typing import Optional
@@ -241,8 +242,8 @@ def bench(
     size: int = typer.Option(256, "--size", help="render size: 256 or 512"),
     backends: Optional[str] = typer.Option(
         None, "--backends", help="comma-separated: torch, torch-fp16, onnxruntime-fp32, onnxruntime-fp16, "
-                                 "tensorrt-fp32, tensorrt-fp16 (onnxruntime, tensorrt: both precisions); "
-                                 "default: torch and onnxruntime FP32/FP16 on CPU"),
+                                 "torch-fp16-graphs (CUDA graphs), tensorrt-fp32, tensorrt-fp16 (onnxruntime, "
+                                 "tensorrt: both precisions); default: torch and onnxruntime FP32/FP16 on CPU"),
     batch_sizes: str = typer.Option("2", "--batch-sizes", help="comma-separated frames per call for the per-frame "
                                                                "stage timings; the first is the end-to-end batch"),
     frames: int = typer.Option(8, "--frames", help="video frames (25 per second of audio) of the end-to-end run"),
@@ -251,11 +252,16 @@ def bench(
     engines_dir: Optional[Path] = typer.Option(None, "--engines-dir", help="keep exported graphs and TensorRT engines "
                                                                            "here and reuse them (default: a temp dir)"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the report as JSON "
-                                                                 "(schema: benchmarks/README.md)"),
+                                                                 "(schema: sadtalker_rt/bench/report.schema.json)"),
     markdown_out: Optional[Path] = typer.Option(None, "--markdown", help="write the report as markdown"),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
-    warmup: int = typer.Option(1, "--warmup", help="warm-up calls per stage before timing"),
-    repeats: int = typer.Option(3, "--repeats", help="timed calls per stage (at least)"),
+    warmup: int = typer.Option(1, "--warmup", help="warm-up calls per stage and batch before timing"),
+    rounds: int = typer.Option(3, "--rounds", help="interleaved timing rounds: every backend in turn, each round; "
+                                                   "ratios are the median of the per-round ratios"),
+    repeats: int = typer.Option(1, "--repeats", help="timed calls per stage and batch in each round (before 0.2: "
+                                                     "timed calls per stage in all; now multiplied by --rounds)"),
+    soak: Optional[int] = typer.Option(None, "--soak", metavar="N", help="instead of latency: N short jobs through "
+                                       "one torch pipeline, watching resident memory and open descriptors"),
     old_version: bool = typer.Option(False, "--old-version", help="load the legacy .pth checkpoints"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
     streaming: bool = typer.Option(False, "--streaming", help="time streaming sessions instead (torch backend): "
@@ -277,18 +283,32 @@ def bench(
     if streaming:
         _bench_streaming(weights, size, device, image, audio, sessions, chunk_ms, seconds, json_out, markdown_out)
         return
-    config = bench_mod.BenchConfig(
-        weights=weights, size=size, backends=bench_mod.parse_list(backends),
-        batch_sizes=bench_mod.parse_list(batch_sizes, int), frames=frames, warmup=warmup, repeats=repeats,
-        image=image, audio=audio, engines_dir=engines_dir, device=device, export_source=_source_image(image, size))
-    config.validate()
     for path in (json_out, markdown_out):
         if path is not None and not path.parent.is_dir():
             raise UsageError(f"cannot write {path}: {path.parent} is not a directory.")
+    command = "sadtalker-rt " + shlex.join(_COMMAND_LINE)
+    if soak is not None:
+        from .bench.soak import soak_markdown, run_soak
+
+        result = run_soak(weights, size, jobs=soak, frames=frames, image=image, audio=audio, device=device,
+                          command=command, log=lambda line: typer.echo(line, err=True))
+        if json_out is not None:
+            bench_mod.write_json(result, json_out)
+        text = soak_markdown(result)
+        if markdown_out is not None:
+            markdown_out.write_text(text)
+        typer.echo(text)
+        return
+    config = bench_mod.BenchConfig(
+        weights=weights, size=size, backends=bench_mod.parse_list(backends),
+        batch_sizes=bench_mod.parse_list(batch_sizes, int), frames=frames, warmup=warmup, repeats=repeats,
+        rounds=rounds, image=image, audio=audio, engines_dir=engines_dir, device=device,
+        export_source=_source_image(image, size))
+    config.validate()
     if weights.synthetic:
         typer.echo(f"note: {weights.describe()}.", err=True)
     bars = StageBars(None if not quiet else False)
-    report = bench_mod.run_bench(config, progress=bars, log=lambda line: typer.echo(line, err=True))
+    report = bench_mod.run_bench(config, progress=bars, log=lambda line: typer.echo(line, err=True), command=command)
     bars.close()
     markdown = bench_mod.to_markdown(report)
     if json_out is not None:
@@ -429,10 +449,14 @@ def _one_line(err: BaseException) -> str:
     return str(err).replace("\r", "\\r").replace("\n", "\\n")
 
 
+_COMMAND_LINE: list[str] = []
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     from typer.exceptions import TyperException   # usage errors (typer vendors click; click is not ours to import)
 
     args = _normalize_argv(list(sys.argv[1:] if argv is None else argv))
+    _COMMAND_LINE[:] = args         # recorded by reports that name the command that made them
     debug = "--debug" in args
     try:
         code = app(args=args, prog_name="sadtalker-rt", standalone_mode=False)

@@ -7,7 +7,12 @@ output's magnitude, not element by element, so values near zero do not inflate t
 
 Image quality measures (``psnr``, ``ssim``, ``region_psnr``) treat the last two axes as the image plane
 (channels-first, as the renderer's ``frames`` (N, 3, H, W) output) with values in [0, peak].
-Only numpy is imported.
+
+``judge`` / ``judge_outputs`` decide pass or fail for export validation, the bench and conformance alike: they
+take plain arrays (wherever they came from: onnxruntime, TensorRT, Polygraphy's comparator, a conformance
+case) and a ``Tolerance`` of the stage table (``sadtalker_rt.stages``), and return ``Verdict`` objects carrying
+the statistics, the threshold used and its source. ``check`` does the same for one scalar measure (a frame
+PSNR, a keypoint distance) against a ``Tolerance``. Only numpy is imported.
 """
 from __future__ import annotations
 
@@ -15,6 +20,8 @@ import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
+
+from .stages import Tolerance
 
 SSIM_WINDOW = 11          # Wang et al. 2004: 11x11 Gaussian window, sigma 1.5, K1 = 0.01, K2 = 0.03
 SSIM_SIGMA = 1.5
@@ -45,6 +52,124 @@ class Comparison:
         row = asdict(self)
         row["shape"] = list(self.shape)
         return row
+
+
+@dataclass
+class Verdict:
+    """One output judged against one ``Tolerance``: its statistics, the value compared, the bound and its source."""
+
+    name: str
+    shape: tuple
+    max_abs: float
+    mean_abs: float
+    p99_abs: float
+    max_rel: float            # max|ours - ref| / max(1, max|ref|)
+    mean_rel: float           # mean|ours - ref| / max(1, max|ref|)
+    psnr_db: float | None     # image-like references only
+    metric: str               # max_rel, max_abs or psnr_db
+    value: float              # the statistic named by ``metric``
+    limit: float
+    op: str                   # "<=" or ">="
+    passed: bool
+    reason: str               # why this bound
+    source: str               # where the bound is declared
+    problem: str = ""         # why it failed ("" when it passed)
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    def as_dict(self) -> dict:
+        row = asdict(self)
+        row["shape"] = list(self.shape)
+        return row
+
+
+@dataclass
+class Check:
+    """One scalar measure against one ``Tolerance`` (``value`` None: not measured, a failure)."""
+
+    metric: str
+    scope: str
+    value: float | None
+    limit: float
+    op: str
+    passed: bool
+    source: str = ""
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def passes(value: float | None, limit: float, op: str) -> bool:
+    """``value op limit``; None and NaN never pass."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return False
+    return value <= limit if op == "<=" else value >= limit
+
+
+def check(scope: str, value: float | None, tolerance: Tolerance) -> Check:
+    return Check(tolerance.metric, scope, value, tolerance.limit, tolerance.op,
+                 passes(value, tolerance.limit, tolerance.op), tolerance.source)
+
+
+def judge(name: str, ours, ref, tolerance: Tolerance, ignore: np.ndarray | None = None) -> Verdict:
+    """``ours`` against ``ref`` by ``tolerance``. ``ignore``: a boolean mask of elements not counted (e.g. values
+    within rounding of a threshold that may land on either side of it). Non-finite differences fail."""
+    ours, ref = np.asarray(ours), np.asarray(ref)
+    if ours.shape != ref.shape:
+        return _failed_verdict(name, ref.shape, tolerance, f"shape {ours.shape} != reference {ref.shape}")
+    stats = _statistics(ours, ref, ignore)
+    value = stats[tolerance.metric] if tolerance.metric in stats else None
+    if value is None:
+        raise ValueError(f"{name}: tolerance metric {tolerance.metric} does not apply to this output")
+    passed = math.isfinite(stats["max_abs"]) and passes(value, tolerance.limit, tolerance.op)
+    problem = ""
+    if not math.isfinite(stats["max_abs"]):
+        problem = "non-finite values where the reference has none (or other ones)"
+    elif not passed:
+        problem = f"{tolerance.metric} {value:.3g} not {tolerance.op} {tolerance.limit:g}"
+    return Verdict(name, tuple(ref.shape), stats["max_abs"], stats["mean_abs"], stats["p99_abs"], stats["max_rel"],
+                   stats["mean_rel"], stats["psnr_db"], tolerance.metric, float(value), tolerance.limit, tolerance.op,
+                   bool(passed), tolerance.reason, tolerance.source, problem)
+
+
+def judge_outputs(ours: dict, ref: dict, tolerance_of, ignore: dict | None = None) -> list[Verdict]:
+    """Every output of ``ref`` judged by ``tolerance_of(name)``; missing outputs and outputs only in ``ours`` fail."""
+    ignore = ignore or {}
+    verdicts = []
+    for name, expected in ref.items():
+        if name not in ours:
+            verdicts.append(_failed_verdict(name, np.shape(expected), tolerance_of(name), "missing from our outputs"))
+        else:
+            verdicts.append(judge(name, ours[name], expected, tolerance_of(name), ignore.get(name)))
+    for name in ours:
+        if name not in ref:
+            verdicts.append(_failed_verdict(name, np.shape(ours[name]), tolerance_of(name), "not a reference output"))
+    return verdicts
+
+
+def _failed_verdict(name: str, shape: tuple, tolerance: Tolerance, problem: str) -> Verdict:
+    inf = math.inf
+    return Verdict(name, tuple(shape), inf, inf, inf, inf, inf, None, tolerance.metric, inf, tolerance.limit,
+                   tolerance.op, False, tolerance.reason, tolerance.source, problem)
+
+
+def _statistics(ours: np.ndarray, ref: np.ndarray, ignore: np.ndarray | None = None) -> dict:
+    a, b = ours.astype(np.float64), ref.astype(np.float64)
+    same = (a == b) | (np.isnan(a) & np.isnan(b))      # equal infinities and shared NaNs are not errors
+    with np.errstate(invalid="ignore"):
+        diff = np.where(same, 0.0, np.abs(a - b))
+    diff = np.where(np.isnan(diff), math.inf, diff)
+    if ignore is not None:
+        diff = np.where(ignore, 0.0, diff)
+    finite_ref = b[np.isfinite(b)]
+    scale = max(1.0, float(np.abs(finite_ref).max()) if finite_ref.size else 1.0)
+    max_abs = float(diff.max()) if diff.size else 0.0
+    mean_abs = float(diff.mean()) if diff.size else 0.0
+    return {"max_abs": max_abs, "mean_abs": mean_abs,
+            "p99_abs": float(np.percentile(diff, 99, method="higher")) if diff.size else 0.0,   # no inf - inf
+            "max_rel": max_abs / scale, "mean_rel": mean_abs / scale,
+            "psnr_db": psnr(a, b) if _image_like(ref) else None}
 
 
 def compare(ours: dict, ref: dict, atol: float = 0.0, rtol: float = 1e-4,
@@ -80,14 +205,9 @@ def _failure(name: str, shape: tuple, atol: float, rtol: float, problem: str) ->
 def _compare_one(name: str, ours: np.ndarray, ref: np.ndarray, atol: float, rtol: float) -> Comparison:
     if ours.shape != ref.shape:
         return _failure(name, ref.shape, atol, rtol, f"shape {ours.shape} != reference {ref.shape}")
-    a, b = ours.astype(np.float64), ref.astype(np.float64)
-    same = (a == b) | (np.isnan(a) & np.isnan(b))      # equal infinities and shared NaNs are not errors
-    with np.errstate(invalid="ignore"):
-        diff = np.where(same, 0.0, np.abs(a - b))
-    diff = np.where(np.isnan(diff), math.inf, diff)
-    finite_ref = b[np.isfinite(b)]
-    scale = max(1.0, float(np.abs(finite_ref).max()) if finite_ref.size else 1.0)
-    max_abs = float(diff.max()) if diff.size else 0.0
+    stats = _statistics(ours, ref)
+    scale = max(1.0, float(np.abs(ref[np.isfinite(ref)]).max()) if np.isfinite(ref).any() else 1.0)
+    max_abs = stats["max_abs"]
     bound = atol + rtol * scale
     passed = max_abs <= bound
     if passed:
@@ -96,13 +216,9 @@ def _compare_one(name: str, ours: np.ndarray, ref: np.ndarray, atol: float, rtol
         problem = "non-finite values where the reference has none (or other ones)"
     else:
         problem = f"max |diff| {max_abs:.3e} > {bound:.3e} (atol {atol:g} + rtol {rtol:g} * {scale:.3g})"
-    return Comparison(
-        name=name, shape=tuple(ref.shape), max_abs=max_abs,
-        mean_abs=float(diff.mean()) if diff.size else 0.0,
-        p99_abs=float(np.percentile(diff, 99, method="higher")) if diff.size else 0.0,   # no inf - inf
-        max_rel=max_abs / scale,
-        psnr_db=psnr(a, b) if _image_like(ref) else None,
-        passed=passed, atol=atol, rtol=rtol, problem=problem)
+    return Comparison(name=name, shape=tuple(ref.shape), max_abs=max_abs, mean_abs=stats["mean_abs"],
+                      p99_abs=stats["p99_abs"], max_rel=stats["max_rel"], psnr_db=stats["psnr_db"],
+                      passed=passed, atol=atol, rtol=rtol, problem=problem)
 
 
 def _image_like(ref: np.ndarray) -> bool:

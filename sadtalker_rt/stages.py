@@ -52,6 +52,27 @@ class Tensor:
         return {i: d for i, d in enumerate(self.shape) if d in (BATCH, FRAMES)}
 
 
+# Pass/fail bounds of a stage's outputs per precision (``Stage.tolerance``); sadtalker_rt.parity applies them.
+FP16_MAX_REL = 5e-2          # reduced precision, non-image outputs: max|diff| / max(1, max|ref|)
+FP16_MIN_PSNR_DB = 40.0      # reduced precision, image outputs (values in [0, 1]): PSNR against float32
+REDUCED_PRECISIONS = ("fp16", "fp16-autocast", "tf32")
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """One output's bound: ``metric`` (``max_rel``, ``max_abs`` or ``psnr_db``) against ``limit``, with the reason
+    for it and where it was declared (``source``)."""
+
+    metric: str
+    limit: float
+    reason: str
+    source: str = ""
+
+    @property
+    def op(self) -> str:
+        return ">=" if self.metric in ("psnr_db", "ssim") else "<="
+
+
 @dataclass(frozen=True)
 class Stage:
     name: str
@@ -63,6 +84,19 @@ class Stage:
     rtol_fp32: float = 1e-4                 # export validation of FP32 graphs (issue contract)
     profile: tuple[int, int, int] = (1, 1, 1)   # TensorRT min/opt/max of the dynamic axis
     option: str = ""                        # the run option that needs this stage; "" for the default pipeline
+
+    def tolerance(self, precision: str, output: str) -> Tolerance:
+        """The bound ``output`` of this stage is judged by when computed in ``precision`` (fp32, tf32, fp16,
+        fp16-autocast). FP32 graphs follow the export contract; reduced precision gets the FP16 bounds."""
+        source = f"stages.{self.name}.{precision}"
+        if precision not in REDUCED_PRECISIONS:
+            return Tolerance("max_rel", self.rtol_fp32, "FP32: max|diff| / max(1, max|ref|), the export contract "
+                             "for FP32 graphs (rtol_fp32)", source)
+        if any(t.name == output and t.kind == "image" for t in self.outputs):   # PSNR: what a viewer sees
+            return Tolerance("psnr_db", FP16_MIN_PSNR_DB, "reduced precision, image output: PSNR against float32; "
+                             "40 dB is ~1 % RMS, invisible at a glance", source)
+        return Tolerance("max_rel", FP16_MAX_REL, "reduced precision, non-image output: FP16 keeps ~3 significant "
+                         "digits and errors accumulate over ~100 layers", source)
 
     @property
     def dynamic(self) -> bool:

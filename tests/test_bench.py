@@ -119,8 +119,8 @@ STUB_OPENERS = {"official": _stub_opener(StubBackend), "stub": _stub_opener(Stub
 def report() -> dict:
     config = bench.BenchConfig(weights=WeightSource(synthetic_seed=0, size=SIZE), size=SIZE,
                                backends=("stub", "frozen", "torch-fp16"), batch_sizes=(2, 1), frames=4, warmup=1,
-                               repeats=2, device="cpu", mouth_box="fixed")
-    return bench.run_bench(config, openers=STUB_OPENERS)
+                               repeats=2, rounds=3, device="cpu", mouth_box="fixed")
+    return bench.run_bench(config, openers=STUB_OPENERS, command="sadtalker-rt bench (test)")
 
 
 def _by_name(report: dict) -> dict:
@@ -130,48 +130,148 @@ def _by_name(report: dict) -> dict:
 def test_report_validates_against_the_documented_schema(report):
     import jsonschema
 
-    jsonschema.Draft202012Validator.check_schema(bench.SCHEMA)
+    schema = json.loads(bench.SCHEMA_FILE.read_text())      # the file shipped as package data
+    jsonschema.Draft202012Validator.check_schema(schema)
     text = json.dumps(bench.to_json_ready(report), allow_nan=False)
-    jsonschema.validate(json.loads(text), bench.SCHEMA)
-    assert report["schema_version"] == bench.SCHEMA_VERSION
+    jsonschema.validate(json.loads(text), schema)
+    assert report["schema_version"] == bench.SCHEMA_VERSION and report["command"] == "sadtalker-rt bench (test)"
     cfg = report["config"]
-    assert cfg["thresholds"]["kp_max_abs"]["limit"] == bench.THRESHOLDS["kp_max_abs"].limit
+    assert cfg["thresholds"]["kp_max_abs"]["limit"] == bench.END_TO_END_TOLERANCES["kp_max_abs"].limit
+    renderer_fp32 = cfg["thresholds"]["renderer.frames.fp32"]
+    assert renderer_fp32["limit"] == STAGES["renderer"].rtol_fp32 and renderer_fp32["source"] == "stages.renderer.fp32"
+    load = report["machine_load"]
+    assert load["cpu_count"] >= 1 and len(load["load_average_rounds"]) == 3 and load["load_average_start"]
+    broken = json.loads(text)
+    del broken["backends"][0]["stages"]["renderer"]["runs"][0]["ms_per_call_rounds"]
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, schema)
     assert cfg["weights"] == {"identity": "synthetic-0", "description": WeightSource(synthetic_seed=0).describe(),
                               "synthetic": True}
     assert cfg["frames"] == 4 and cfg["end_to_end_batch"] == 2 and cfg["mouth_box"]["source"] == "fixed"
     assert cfg["image"].startswith("sadtalker_rt/assets/")      # the bundled inputs, by their place in the package
 
 
-def test_ratios_are_against_the_official_baseline(report):
+def test_ratios_are_medians_of_per_round_ratios_against_the_official_baseline(report):
     baseline = report["baseline"]
-    assert baseline["name"] == "official" and baseline["end_to_end"]["speedup_vs_official"] == pytest.approx(1.0)
+    assert baseline["name"] == "official" and baseline["end_to_end"]["speedup_vs_official"]["median"] == pytest.approx(1)
     stub = _by_name(report)["stub"]
     for stage, info in stub["stages"].items():
         ref = baseline["stages"][stage]["runs"][0]
         for run in info["runs"]:
-            key = "ms_per_frame" if run["ms_per_frame"] else "ms_per_call"
-            assert run["speedup_vs_official"] == pytest.approx(ref[key]["median"] / run[key]["median"])
-    renderer_batches = [r["batch"] for r in stub["stages"]["renderer"]["runs"]]
-    assert renderer_batches == [2, 1]
+            assert len(run["ms_per_call_rounds"]) == 3 and run["calls"] == 3 * 2     # rounds x repeats
+            per = (ref["frames_per_call"], run["frames_per_call"]) if run["frames_per_call"] else (1, 1)
+            ratios = [(a / per[0]) / (b / per[1]) for a, b in zip(ref["ms_per_call_rounds"], run["ms_per_call_rounds"])]
+            ratio = run["speedup_vs_official"]
+            assert ratio["rounds"] == pytest.approx(ratios)
+            assert ratio["median"] == pytest.approx(float(np.median(ratios)))
+            assert ratio["min"] == pytest.approx(min(ratios)) and ratio["max"] == pytest.approx(max(ratios))
+    assert [r["batch"] for r in stub["stages"]["renderer"]["runs"]] == [2, 1]
     assert baseline["stages"]["renderer"]["runs"][0]["batch"] == bench.OFFICIAL_BATCH
     e2e, ref = stub["end_to_end"], baseline["end_to_end"]
-    assert e2e["speedup_vs_official"] == pytest.approx(ref["wall_per_audio_second_s"] / e2e["wall_per_audio_second_s"])
+    assert e2e["rounds"] == 3 and len(e2e["wall_s_rounds"]) == 3
+    walls = [a / b for a, b in zip(ref["wall_s_rounds"], e2e["wall_s_rounds"])]
+    assert e2e["speedup_vs_official"]["median"] == pytest.approx(float(np.median(walls)))
     assert e2e["frames"] == 4 and e2e["calls"]["renderer"] == 2
     assert sum(e2e["stage_share"].values()) == pytest.approx(1.0, abs=1e-6)
 
 
-def test_timings_come_from_end_to_end_calls_or_dedicated_ones(report):
+def test_timings_cover_every_stage_and_batch(report):
     stub = _by_name(report)["stub"]
     runs = {r["batch"]: r for r in stub["stages"]["renderer"]["runs"]}
-    assert runs[2]["source"] == "end_to_end" and runs[2]["calls"] == 2      # frames 4 / batch 2 >= repeats 2
-    assert runs[1]["source"] == "dedicated" and runs[1]["calls"] == 2
+    assert set(runs) == {2, 1}
     face = stub["stages"]["face3d_recon"]["runs"][0]
-    assert face["source"] == "dedicated" and face["ms_per_frame"] is None and face["fps"] is None
+    assert face["ms_per_frame"] is None and face["fps"] is None
     assert stub["stages"]["audio2pose"]["runs"][0]["frames_per_call"] == bench.POSE_CHUNK
     for run in runs.values():
         stats = run["ms_per_call"]
         assert stats["min"] <= stats["median"] <= stats["p95"]
         assert run["peak_rss_mib"] > 0
+
+
+def test_spread_is_median_min_max():
+    assert bench.spread([3.0, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0, "rounds": [3.0, 1.0, 2.0]}
+    assert bench.spread([]) is None
+
+
+class Recorder(SerialBackend):
+    """A fake backend that writes every call, with the backend's name, into one shared list."""
+
+    def __init__(self, name: str, calls: list, size: int = SIZE):
+        self.inner = StubBackend(size)
+        self.name, self.calls, self.size = name, calls, size
+
+    def runner(self, stage: str):
+        inner, name, calls = self.inner.runner(stage), self.name, self.calls
+
+        class _Runner:
+            def __init__(self):
+                self.stage = inner.stage
+
+            def infer(self, feeds):
+                calls.append((name, stage, {k: np.asarray(v).tobytes() for k, v in feeds.items()}))
+                return inner.infer(feeds)
+        return _Runner()
+
+
+def test_backends_are_timed_interleaved_round_by_round_on_the_same_inputs():
+    calls: list = []
+
+    def opener(name):
+        return lambda ctx: bench.Opened(Recorder(name, calls, ctx.config.size), "stub", "cpu", "fp32",
+                                        {s: "fp32" for s in ctx.stages})
+
+    openers = {"official": opener("official"), "a": opener("a"), "b": opener("b")}
+    config = bench.BenchConfig(weights=WeightSource(synthetic_seed=0, size=SIZE), size=SIZE, backends=("a", "b"),
+                               frames=2, warmup=0, repeats=1, rounds=3, device="cpu", mouth_box="fixed")
+    marks: list = []
+    report = bench.run_bench(config, openers=openers, log=lambda line: marks.append((line, len(calls))))
+    assert report["config"]["order"] == ["official", "a", "b"]
+    start = next(n for line, n in marks if line.startswith("timing round 1/3"))
+    timed = calls[start:]
+    runs = [timed[0][0]]                    # consecutive calls of one backend collapse into one entry
+    for name, _, _ in timed[1:]:
+        if name != runs[-1]:
+            runs.append(name)
+    assert runs == ["official", "a", "b"] * 3
+    a = [(stage, feeds) for n, stage, feeds in timed if n == "a"]
+    b = [(stage, feeds) for n, stage, feeds in timed if n == "b"]
+    assert a == b                           # the same stages, the same inputs, byte for byte
+    assert len(a) % 3 == 0 and a[: len(a) // 3] * 3 == a
+
+
+def test_stage_verdicts_use_the_stage_tables_tolerances():
+    from sadtalker_rt.parity import judge
+
+    ref = {"frames": np.full((1, 3, 16, 16), 0.5, np.float32)}
+    noisy = {"frames": ref["frames"] + np.float32(2e-3)}           # 54 dB, rel 2e-3
+    rows, checks = bench.stage_parity("renderer", "fp32", noisy, ref, 1)
+    assert not checks[0]["passed"] and checks[0]["metric"] == "max_rel" and checks[0]["source"] == "stages.renderer.fp32"
+    assert checks[0]["limit"] == STAGES["renderer"].rtol_fp32
+    for reduced in ("fp16", "fp16-autocast", "tf32"):
+        rows, checks = bench.stage_parity("renderer", reduced, noisy, ref, 1)
+        assert checks[0]["passed"] and checks[0]["metric"] == "psnr_db" and checks[0]["op"] == ">="
+        assert rows["outputs"][0]["psnr_db"] == pytest.approx(20 * np.log10(1 / 2e-3), abs=1e-3)
+    kp = {"kp": np.zeros((1, 15, 3), np.float32)}
+    rows, checks = bench.stage_parity("mapping", "fp16", {"kp": kp["kp"] + 0.06}, kp, 1)
+    assert not checks[0]["passed"] and checks[0]["limit"] == pytest.approx(5e-2)
+    missing = judge("x", np.zeros(3), np.zeros(4), STAGES["mapping"].tolerance("fp32", "kp"))
+    assert not missing.passed and "shape" in missing.problem
+    nan = judge("kp", np.array([np.nan]), np.array([0.0]), STAGES["mapping"].tolerance("fp16", "kp"))
+    assert not nan.passed
+
+
+def test_torch_fp32_is_labelled_fp32_and_cpu_fp16_parity_is_emulated(tmp_path):
+    from sadtalker_rt.bench import backends
+
+    ctx = bench.BenchContext(bench.BenchConfig(weights=WeightSource(synthetic_seed=0, size=SIZE)), "cpu", tmp_path,
+                             ("renderer",), lambda *a: None)
+    ctx.torch_backends[("fp32", False)] = object()      # no model is built
+    assert backends.open_torch(ctx).precision == "fp32"
+    assert backends.open_torch(ctx).stage_precision == {"renderer": "fp32"}
+    with pytest.raises(bench.BackendSkipped):
+        backends.open_torch_fp16(ctx)
+    from sadtalker_rt.bench.fp16 import EmulatedFp16Backend
+    assert "emulated" in EmulatedFp16Backend.METHOD
 
 
 def test_a_matching_backend_passes_parity(report):
@@ -190,9 +290,9 @@ def test_a_frozen_head_fails_keypoint_pose_and_mouth_parity_while_frame_psnr_pas
     assert verdicts == {"frame_psnr_db": True, "frame_ssim": True, "mouth_psnr_db": False, "kp_max_abs": False,
                         "head_pose_deg": False}
     e2e = parity["end_to_end"]
-    assert e2e["frame_psnr_db"]["min"] >= bench.THRESHOLDS["frame_psnr_db"].limit
+    assert e2e["frame_psnr_db"]["min"] >= bench.END_TO_END_TOLERANCES["frame_psnr_db"].limit
     assert e2e["mouth_psnr_db"]["min"] < e2e["frame_psnr_db"]["min"] - 5
-    assert e2e["head_pose_deg"]["max"] > bench.THRESHOLDS["head_pose_deg"].limit
+    assert e2e["head_pose_deg"]["max"] > bench.END_TO_END_TOLERANCES["head_pose_deg"].limit
     assert any("kp_max_abs" in f for f in parity["failures"])
     mapping = {c["scope"]: c["passed"] for c in parity["checks"] if c["scope"].startswith("mapping")}
     assert mapping == {"mapping.kp": False}
@@ -209,6 +309,7 @@ def test_markdown_lists_every_backend(report):
     for name in ("official", "stub", "frozen", "torch-fp16"):
         assert f"| {name} |" in text
     assert "vs official" in text and "mouth PSNR" in text and "**FAIL**" in text
+    assert "- command: `sadtalker-rt bench (test)`" in text and "1-minute load average" in text
     assert "torch-fp16 skipped: torch FP16" in text
     # the same markdown from the JSON file (non-finite numbers written as strings)
     assert bench.to_markdown(json.loads(json.dumps(bench.to_json_ready(report)))) == text
@@ -244,7 +345,7 @@ def test_cli_bench_exits_0_and_writes_both_files(tmp_path, monkeypatch):
         monkeypatch.setitem(bench.OPENERS, name, opener)
     out_json, out_md = tmp_path / "bench.json", tmp_path / "bench.md"
     args = ["bench", "--synthetic-weights", "--size", "256", "--frames", "2", "--backends", "stub", "--warmup", "0",
-            "--repeats", "1", "--device", "cpu", "--json", str(out_json), "--markdown", str(out_md), "--quiet"]
+            "--repeats", "1", "--rounds", "2", "--device", "cpu", "--json", str(out_json), "--markdown", str(out_md), "--quiet"]
     try:
         main(args)
         code = 0
@@ -254,9 +355,11 @@ def test_cli_bench_exits_0_and_writes_both_files(tmp_path, monkeypatch):
     import jsonschema
 
     data = json.loads(out_json.read_text())
-    jsonschema.validate(data, bench.SCHEMA)
+    jsonschema.validate(data, bench.schema())
     assert [b["name"] for b in data["backends"]] == ["stub"]
-    assert "| stub |" in out_md.read_text()
+    assert data["command"].startswith("sadtalker-rt bench --synthetic-weights") and "--rounds 2" in data["command"]
+    assert data["config"]["rounds"] == 2
+    assert f"- command: `{data['command']}`" in out_md.read_text()
 
 
 def test_cli_bench_exits_1_when_parity_fails(tmp_path, monkeypatch):

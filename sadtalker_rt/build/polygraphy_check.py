@@ -18,10 +18,9 @@ REFERENCE = "reference"
 
 
 def tolerance_for(stage: Stage, precision: str) -> float:
-    """The rtol of the toolkit's rule ``max|diff| <= rtol * max(1, max|ref|)`` for a graph of ``precision``."""
-    from .export.onnx_export import FP16_MAX_REL
-
-    return stage.rtol_fp32 if precision == "fp32" else FP16_MAX_REL
+    """The rtol of the toolkit's rule ``max|diff| <= rtol * max(1, max|ref|)`` for a graph of ``precision``: the
+    stage table's bound for its non-image outputs (``Stage.tolerance``)."""
+    return stage.tolerance(precision, "").limit
 
 
 def _quiet():
@@ -88,15 +87,17 @@ def compare_results(stage: Stage, precision: str, results, labels: list[str] | N
 
 
 def image_verdicts(stage: Stage, comparisons: list, precision: str) -> list[tuple[object, bool, str]]:
-    """(comparison, passed, why not) per output: FP16 image outputs pass on PSNR, the rest on the bound."""
-    from .export.onnx_export import FP16_MIN_PSNR
+    """(comparison, passed, why not) per output, by the stage table's tolerance (``Stage.tolerance``): FP16 image
+    outputs pass on PSNR, the rest on the bound."""
+    from ..parity import passes
 
-    images = {t.name for t in stage.outputs if t.kind == "image"}
     verdicts = []
     for c in comparisons:
-        if precision == "fp16" and c.name in images and not c.problem.startswith(("missing", "not a", "shape")):
-            passed = c.psnr_db is not None and c.psnr_db >= FP16_MIN_PSNR
-            verdicts.append((c, passed, "" if passed else f"PSNR {c.psnr_db:.1f} dB < {FP16_MIN_PSNR:.0f} dB"))
+        tolerance = stage.tolerance(precision, c.name)
+        if tolerance.metric == "psnr_db" and not c.problem.startswith(("missing", "not a", "shape")):
+            passed = c.psnr_db is not None and passes(c.psnr_db, tolerance.limit, tolerance.op)
+            verdicts.append((c, passed, "" if passed else f"PSNR {c.psnr_db:.1f} dB < {tolerance.limit:.0f} dB "
+                                                          f"({tolerance.source})"))
         else:
             verdicts.append((c, c.passed, "" if c.passed else f"relative error {c.max_rel:.2e} > {c.rtol:.0e}"
                              if not c.problem.startswith(("missing", "not a", "shape", "non-finite")) else c.problem))

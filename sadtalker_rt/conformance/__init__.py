@@ -16,6 +16,9 @@ from typing import Callable
 
 import numpy as np
 
+from ..parity import judge
+from ..stages import Tolerance
+
 from ..errors import InputError
 
 # manifest stage -> sub-network name in sadtalker_rt.models.checkpoints.SUBNETWORKS
@@ -94,31 +97,33 @@ def runners() -> dict[str, Runner]:
     return table
 
 
-def compare_output(name: str, ours: np.ndarray, ref: np.ndarray, ties: np.ndarray | None = None) -> OutputResult:
+IMAGE_TOLERANCE = Tolerance("max_abs", 1.0, "resampled uint8 images: within 1 grey level", "conformance")
+INTEGER_TOLERANCE = Tolerance("max_abs", 0.0, "integer outputs: exact", "conformance")
+FLOAT_TOLERANCE = Tolerance("max_rel", RTOL, "max|ours - ref| <= 1e-4 * max(1, max|ref|)", "conformance")
+
+
+def compare_output(name: str, ours: np.ndarray, ref: np.ndarray) -> OutputResult:
+    """One output judged by sadtalker_rt.parity with the conformance tolerance for its kind."""
     ours = np.asarray(ours)
     if ours.shape != ref.shape:
         return OutputResult(name, float("inf"), float("inf"), False)
-    diff = np.abs(ours.astype(np.float64) - ref.astype(np.float64))
-    max_abs = float(diff.max()) if diff.size else 0.0
-    scale = max(1.0, float(np.abs(ref).max()) if ref.size else 1.0)
     if name in RESAMPLED_IMAGES:
-        return OutputResult(name, max_abs, max_abs / scale, max_abs <= 1.0)
-    if np.issubdtype(ref.dtype, np.integer):
-        if ties is not None:    # e.g. an argmax whose two largest logits agree within tolerance
-            flips = int(((diff > 0) & ties).sum())
-            max_abs = float(np.where(ties, 0.0, diff).max()) if diff.size else 0.0
-            return OutputResult(name, max_abs, max_abs / scale, max_abs == 0, flips)
-        return OutputResult(name, max_abs, max_abs / scale, max_abs == 0)
-    bound = RTOL * scale
-    flips = 0
-    if name == "mask":
+        tolerance = IMAGE_TOLERANCE
+    elif np.issubdtype(ref.dtype, np.integer):
+        tolerance = INTEGER_TOLERANCE
+    else:
+        tolerance = FLOAT_TOLERANCE
+    ignore, flips = None, 0
+    if name == "mask" and tolerance is FLOAT_TOLERANCE:
         # Elements within rounding of the threshold may land on the other side of it.
-        near = (np.abs(ref - MASK_THRESHOLD) < 2 * RTOL * scale) | (np.abs(ours - MASK_THRESHOLD) < 2 * RTOL * scale)
-        flip = (diff > bound) & near & ((ref == 0) | (ours == 0))
-        flips = int(flip.sum())
-        diff = np.where(flip, 0.0, diff)
-        max_abs = float(diff.max()) if diff.size else 0.0
-    return OutputResult(name, max_abs, max_abs / scale, max_abs <= bound, flips)
+        scale = max(1.0, float(np.abs(ref).max()) if ref.size else 1.0)
+        bound = RTOL * scale
+        diff = np.abs(ours.astype(np.float64) - ref.astype(np.float64))
+        near = (np.abs(ref - MASK_THRESHOLD) < 2 * bound) | (np.abs(ours - MASK_THRESHOLD) < 2 * bound)
+        ignore = (diff > bound) & near & ((ref == 0) | (ours == 0))
+        flips = int(ignore.sum())
+    verdict = judge(name, ours, ref, tolerance, ignore)
+    return OutputResult(name, verdict.max_abs, verdict.max_rel, verdict.passed, flips)
 
 
 def load_index(root: Path) -> list[dict]:

@@ -25,8 +25,6 @@ from ...stages import BATCH, FRAMES, OPSET, ORDER, POSE_STYLES, STAGES, Stage
 
 TRACE_AXES = {BATCH: 2, FRAMES: 8}          # dynamic axis values used for tracing
 CHECK_AXES = {BATCH: 3, FRAMES: 5}          # another shape, to prove the axes really are dynamic
-FP16_MIN_PSNR = 40.0                        # dB against float32 PyTorch for image outputs of FP16 graphs
-FP16_MAX_REL = 5e-2                         # other FP16 outputs: worst error relative to max(1, max|ref|)
 
 
 class ExportValidationError(SadTalkerError):
