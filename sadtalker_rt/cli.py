@@ -258,6 +258,8 @@ def bench(
     warmup: int = typer.Option(1, "--warmup", help="warm-up calls per stage and batch before timing"),
     rounds: int = typer.Option(3, "--rounds", help="interleaved timing rounds: every backend in turn, each round; "
                                                    "ratios are the median of the per-round ratios"),
+    end_to_end_rounds: bool = typer.Option(True, "--end-to-end-rounds/--stages-only", help="each round also runs "
+                                           "the utterance end to end (default), or times the stages only"),
     repeats: int = typer.Option(1, "--repeats", help="timed calls per stage and batch in each round (before 0.2: "
                                                      "timed calls per stage in all; now multiplied by --rounds)"),
     soak: Optional[int] = typer.Option(None, "--soak", metavar="N", help="instead of latency: N short jobs through "
@@ -302,7 +304,7 @@ def bench(
     config = bench_mod.BenchConfig(
         weights=weights, size=size, backends=bench_mod.parse_list(backends),
         batch_sizes=bench_mod.parse_list(batch_sizes, int), frames=frames, warmup=warmup, repeats=repeats,
-        rounds=rounds, image=image, audio=audio, engines_dir=engines_dir, device=device,
+        rounds=rounds, end_to_end_rounds=end_to_end_rounds, image=image, audio=audio, engines_dir=engines_dir, device=device,
         export_source=_source_image(image, size))
     config.validate()
     if weights.synthetic:

@@ -28,6 +28,7 @@ class BenchConfig:
     warmup: int = 1
     repeats: int = 1                                  # timed calls per stage and batch in each round
     rounds: int = 3                                   # rounds of interleaved timing (every backend once per round)
+    end_to_end_rounds: bool = True                    # False: the rounds time stages only (no end-to-end run)
     image: Optional[Path] = None
     audio: Optional[Path] = None
     engines_dir: Optional[Path] = None

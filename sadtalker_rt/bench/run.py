@@ -180,7 +180,7 @@ def run_bench(config: BenchConfig, progress: Callable[[str, int, int], None] | N
             "audio_seconds": len(wav) / float(SAMPLE_RATE), "fps": FPS, "preprocess": config.preprocess,
             "device": device, "batch_sizes": list(config.batch_sizes), "end_to_end_batch": config.e2e_batch,
             "official_batch": OFFICIAL_BATCH, "warmup": config.warmup, "repeats": config.repeats,
-            "rounds": config.rounds, "order": ["official"] + [c.name for c in contenders[1:] if c.ok],
+            "rounds": config.rounds, "end_to_end_rounds": config.end_to_end_rounds, "order": ["official"] + [c.name for c in contenders[1:] if c.ok],
             "backends_requested": list(names),
             "image": _display_path(config.image, media.demo_image()),
             "audio": _display_path(config.audio, media.demo_audio()),
@@ -211,8 +211,6 @@ def _open_baseline(ctx: BenchContext, opener: Opener, image, wav: np.ndarray, me
         instrumented.runner(stage)
     entry = _entry("official", opened, "ok", None, time.perf_counter() - begin)
     contender = Contender("official", entry, opened, instrumented)
-    if ctx.config.warmup > 0:       # no reference inputs yet: a short generate of one batch warms it up
-        _generate(ctx, instrumented, image, wav[: OFFICIAL_BATCH * SAMPLE_RATE // FPS], OFFICIAL_BATCH, "warmup")
     with _float32_reference(ctx.device):
         contender.avatar, contender.prepare_s, _ = _generate(ctx, instrumented, image, wav, OFFICIAL_BATCH, "parity")
     log = instrumented.log
@@ -342,6 +340,8 @@ def _time_round(ctx: BenchContext, contender: Contender, reference: Reference, w
                 feeds = reference.timing_feeds(stage, batch)
                 for _ in range(ctx.config.repeats):
                     instrumented.runner(stage).infer(feeds)
+        if not ctx.config.end_to_end_rounds:
+            return
         batch = OFFICIAL_BATCH if contender.name == "official" else ctx.config.e2e_batch
         _, _, figures = _generate(ctx, instrumented, None, wav, batch, "timed", avatar=contender.avatar)
         figures["batch"] = batch
