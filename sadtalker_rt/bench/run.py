@@ -55,6 +55,9 @@ class Reference:
                 return self.log.first[(phase, stage)]
         raise KeyError(stage)
 
+    def has(self, stage: str) -> bool:
+        return any((phase, stage) in self.log.first for phase in ("parity-generate", "parity-prepare"))
+
     def batch_feeds(self, stage: str, batch: int) -> dict:
         """The stage's inputs with the dynamic batch axis filled to ``batch`` from the run's own values."""
         feeds, _ = self.feeds(stage)
@@ -146,6 +149,7 @@ def run_bench(config: BenchConfig, progress: Callable[[str, int, int], None] | N
         ctx = BenchContext(config, device, Path(tmp), stages, progress, config.export_source)
         say(f"official baseline: float32 eager PyTorch, whole generator per call, batch {OFFICIAL_BATCH}")
         official, reference = _open_baseline(ctx, table["official"], image, wav, memory)
+        stages = ctx.stages
         if ctx.export_source is None:       # exports validate on the avatar's own source frame
             ctx.export_source = np.asarray(reference.feeds("source_encoder")[0]["source_image"])
         contenders = [official]
@@ -218,6 +222,11 @@ def _open_baseline(ctx: BenchContext, opener: Opener, image, wav: np.ndarray, me
                           log.stacked("parity-generate", "renderer", "kp_driving"),
                           log.first[("parity-prepare", "kp_detector")][1]["kp_canonical"],
                           mouth_box(contender.avatar.source_frame, ctx.config.size, ctx.config.mouth_box))
+    unused = [s for s in ctx.stages if not reference.has(s)]
+    if unused:      # e.g. audio2pose for a single frame: nothing to feed it the same inputs
+        ctx.stages = tuple(s for s in ctx.stages if s not in unused)
+        entry["notes"].append(f"not measured: {', '.join(unused)} (not called for {ctx.config.frames} frame(s))")
+        entry["stage_precision"] = {s: entry["stage_precision"][s] for s in ctx.stages}
     _warm_up_plan(ctx, contender, reference)
     entry["notes"].append("the reference of every parity figure" + (" (its parity run with TF32 disabled)"
                                                                       if ctx.device == "cuda" else ""))
