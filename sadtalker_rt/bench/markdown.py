@@ -69,7 +69,8 @@ def to_markdown(report: dict) -> str:
         f"{cfg['preprocess']} mode, device {cfg['device']}",
         f"- timing: perf_counter around each call{' with CUDA synchronisation' if cfg['device'] == 'cuda' else ''}; "
         f"{cfg['rounds']} interleaved rounds ({', '.join(cfg['order'])}, the same order every round), each with "
-        f"{cfg['repeats']} call(s) per stage and batch on the same reference inputs and one end-to-end run; "
+        f"{cfg['repeats']} call(s) per stage and batch on the same reference inputs"
+        f"{' and one end-to-end run' if cfg['end_to_end_rounds'] else ' (stages only: no end-to-end rounds)'}; "
         f"warm-up {cfg['warmup']}; end-to-end batch {cfg['end_to_end_batch']}, official batch {cfg['official_batch']}",
         f"- weights: {cfg['weights']['identity']}; {report['created_utc']}",
         "",
