@@ -27,7 +27,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import SadTalkerError, UsageError
-from ..stages import BATCH, FRAMES, ORDER, STAGES, mapping_stage
+from ..stages import BATCH, DEFAULT_PIPELINE, FRAMES, STAGES, mapping_stage
 from .backends import (OPENERS, BackendSkipped, BenchContext, Opened, Opener, one_line, prefixed)
 from .config import (FPS, OFFICIAL_BATCH, POSE_CHUNK, RUNTIMES, SAMPLE_RATE, SAMPLES_PER_FRAME, BenchConfig,
                      default_backends, expand_backends)
@@ -142,7 +142,7 @@ def run_bench(config: BenchConfig, progress: Callable[[str, int, int], None] | N
         raise UsageError(f"{audio} is shorter than one video frame.")
     wav = wav[: (len(wav) // samples_per_frame) * samples_per_frame]
     unused_mapping = {"mapping", "mapping_full"} - {mapping_stage(config.preprocess)}
-    stages = tuple(s for s in ORDER if s not in unused_mapping)
+    stages = tuple(s for s in DEFAULT_PIPELINE if s not in unused_mapping)
     memory = MemoryProbe()
     load = LoadMonitor()
     with tempfile.TemporaryDirectory(prefix="sadtalker-rt-bench-") as tmp:
