@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO, shared_path
+from conftest import REPO, assert_conformance, shared_path
 from sadtalker_rt import media
 from sadtalker_rt.errors import UsageError
 from sadtalker_rt.runtime import overrides
@@ -19,15 +19,11 @@ OPTION_STAGES = ["free_view_pose", "free_view_keypoints", "free_view_animation",
 
 
 @pytest.mark.parametrize("stage", OPTION_STAGES)
-def test_options_conformance(stage):
+def test_options_conformance(stage, recording_kernels):
     pytest.importorskip("torch")
     from sadtalker_rt.conformance import run_directory
 
-    results = run_directory(shared_path("conformance-options"), stages={stage})
-    assert results, f"no {stage} case"
-    failures = [(r.case, r.error or [(o.name, o.rel) for o in r.outputs if not o.passed])
-                for r in results if not r.passed]
-    assert not failures, f"{stage} differs from the official recordings: {failures}"
+    assert_conformance(run_directory(shared_path("conformance-options"), stages={stage}), stage, recording_kernels)
 
 
 def test_free_view_sequence_official_shape():

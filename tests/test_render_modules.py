@@ -12,6 +12,8 @@ torch = pytest.importorskip("torch")
 import torch.nn.functional as F  # noqa: E402
 
 from sadtalker_rt.conformance import run_directory  # noqa: E402
+
+from conftest import assert_conformance  # noqa: E402
 from sadtalker_rt.errors import WeightsError  # noqa: E402
 from sadtalker_rt.models import generator, kp_detector, mapping  # noqa: E402
 from sadtalker_rt.models.ops import grid_sample_3d, grid_sample_3d_decomposed, use_decomposed_grid_sample  # noqa: E402
@@ -21,12 +23,8 @@ RENDER_STAGES = ["kp_detector", "generator", "mapping", "mapping_full", "keypoin
 
 
 @pytest.mark.parametrize("stage", RENDER_STAGES)
-def test_render_conformance(conformance_dir, stage):
-    results = run_directory(conformance_dir, stages={stage})
-    assert results, f"{conformance_dir} has no {stage} case"
-    failures = [(r.case, r.error or [(o.name, o.rel, o.threshold_flips) for o in r.outputs if not o.passed])
-                for r in results if not r.passed]
-    assert not failures, f"{stage} cases differ from the official recordings: {failures}"
+def test_render_conformance(conformance_dir, stage, recording_kernels):
+    assert_conformance(run_directory(conformance_dir, stages={stage}), stage, recording_kernels)
 
 
 def _tsv_template(conformance_dir, prefix: str) -> dict:

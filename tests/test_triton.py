@@ -23,19 +23,8 @@ needs_server = pytest.mark.skipif(bundled_server() is None, reason=f"no tritonse
 
 
 @pytest.fixture(scope="session")
-def graphs(tmp_path_factory):
-    """FP32 graphs of synthetic weights at 256, exported once per session into a private artifact cache."""
-    from sadtalker_rt.build import cache
-
-    previous = os.environ.get("SADTALKER_RT_CACHE")
-    os.environ["SADTALKER_RT_CACHE"] = str(tmp_path_factory.mktemp("triton-cache"))
-    try:
-        yield cache.graphs_for(WeightSource(synthetic_seed=0), 256, "fp32")
-    finally:
-        if previous is None:
-            os.environ.pop("SADTALKER_RT_CACHE", None)
-        else:
-            os.environ["SADTALKER_RT_CACHE"] = previous
+def graphs(fp32_graphs):
+    return fp32_graphs
 
 
 @pytest.fixture(scope="module")
