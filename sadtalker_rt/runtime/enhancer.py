@@ -11,15 +11,17 @@ Numpy and OpenCV only; frames are RGB in and out (converted to the BGR the offic
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 
 from . import face_restore as fr
-from ..errors import UsageError
+from ..errors import UsageError, WeightsError
 from ..stages import ENHANCER_NOISE_MODES, ENHANCER_NOISE_SIDES, ENHANCER_UPSCALE
 
 ENHANCERS = ("gfpgan",)
+FIXED_NOISE_FILE = "enhancer_fixed_noise.npz"     # the checkpoint's noise maps, beside the exported graphs
 
 
 def check_enhancer(name: Optional[str], noise: str) -> None:
@@ -27,6 +29,30 @@ def check_enhancer(name: Optional[str], noise: str) -> None:
         raise UsageError(f"--enhancer must be {' or '.join(ENHANCERS)}, not '{name}'.")
     if noise not in ENHANCER_NOISE_MODES:
         raise UsageError(f"--enhancer-noise must be one of {', '.join(ENHANCER_NOISE_MODES)}, not '{noise}'.")
+
+
+def load_fixed_noise(directory: Path, manifest: dict) -> Optional[list[np.ndarray]]:
+    """The checkpoint's 15 noise maps an export keeps beside the enhancer graph (checked by sha256)."""
+    from .manifest import sha256_of
+
+    entry = manifest.get("stages", {}).get("enhancer", {}).get("fixed_noise")
+    if not entry:
+        return None
+    path = Path(directory) / entry["file"]
+    if not path.is_file() or sha256_of(path) != entry["sha256"]:
+        raise WeightsError(f"{path} is missing or does not match the sha256 in its manifest; re-export the enhancer.")
+    with np.load(path) as data:
+        return [data[f"noise{i}"] for i in range(len(ENHANCER_NOISE_SIDES))]
+
+
+def enhancer_on_graphs(backend) -> "FaceEnhancer":
+    """A FaceEnhancer on a graph backend (onnxruntime) whose folder holds the enhancer stages; the parsing
+    mask is used when the folder has ``face_parse`` too."""
+    stages = backend.manifest.get("stages", {})
+    if "enhancer" not in stages:
+        raise WeightsError(f"{backend.directory} has no enhancer graph; export it with `sadtalker-rt export "
+                           "--enhancer gfpgan` (or leave out --graphs to use the cache).")
+    return FaceEnhancer(backend, load_fixed_noise(backend.directory, backend.manifest), parse="face_parse" in stages)
 
 
 class FaceEnhancer:

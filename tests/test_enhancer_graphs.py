@@ -1,0 +1,155 @@
+"""The enhancer as stages of the stage table: export with validation, FP16 with islands, the cache, and the
+enhancer on the onnxruntime backend's graphs. GFPGAN at 512 is ~100 GFLOP a face, so the exports are heavy."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from sadtalker_rt.build.export.onnx_export import EXPORT_ORDER, parity_rows
+from sadtalker_rt.errors import UsageError, WeightsError
+from sadtalker_rt.runtime.enhancer import FIXED_NOISE_FILE, enhancer_on_graphs, load_fixed_noise
+from sadtalker_rt.runtime.manifest import sha256_of
+from sadtalker_rt.stages import ENHANCER_NOISE_SIDES, ENHANCER_STAGES, ORDER, STAGES
+
+
+def test_enhancer_stages_are_exported_after_the_default_ones():
+    assert EXPORT_ORDER[: len(ORDER)] == ORDER and set(EXPORT_ORDER[len(ORDER):]) == set(ENHANCER_STAGES)
+    assert STAGES["enhancer"].dynamic and STAGES["face_parse"].dynamic
+
+
+def test_faces_are_judged_by_psnr_and_class_maps_by_agreement():
+    rng = np.random.default_rng(0)
+    face = rng.uniform(-1, 1, (1, 3, 512, 512)).astype(np.float32)
+    near = face + rng.normal(0, 1e-3, face.shape).astype(np.float32)        # ~66 dB on [0, 1]
+    rows, failures = parity_rows(STAGES["enhancer"], "trace", {"image": near}, {"image": face}, "fp16")
+    assert not failures and rows[0]["psnr_db"] > 60
+    rows, failures = parity_rows(STAGES["enhancer"], "trace", {"image": face + 0.05}, {"image": face}, "fp16")
+    assert failures and "PSNR" in failures[0] and rows[0]["psnr_db"] < 40
+    parse = rng.integers(0, 19, (1, 512, 512))
+    flipped = parse.copy()
+    flipped[0, :2, :100] = (flipped[0, :2, :100] + 1) % 19                 # 200 of 262144 pixels: 0.08 %
+    assert not parity_rows(STAGES["face_parse"], "trace", {"parse": flipped}, {"parse": parse}, "fp16")[1]
+    failures = parity_rows(STAGES["face_parse"], "trace", {"parse": flipped}, {"parse": parse}, "fp32")[1]
+    assert failures and "classes differ" in failures[0]
+
+
+def test_export_refuses_enhancer_stages_without_their_weights(tmp_path):
+    from sadtalker_rt.build.export.onnx_export import export_graphs
+    from sadtalker_rt.models.checkpoints import WeightSource
+
+    with pytest.raises(UsageError, match="enhancer's weights"):
+        export_graphs(WeightSource(synthetic_seed=0), 256, tmp_path, stages=("enhancer",))
+    with pytest.raises(UsageError, match="renderer's stages need"):
+        export_graphs(None, 256, tmp_path, stages=("renderer",), enhancer_weights=object())
+
+
+class _GraphBackend:
+    """A graph folder's manifest without graphs: what enhancer_on_graphs reads before it runs anything."""
+
+    def __init__(self, directory, stages):
+        self.directory = directory
+        self.manifest = {"stages": stages}
+
+
+def _noise_folder(tmp_path):
+    maps = {f"noise{i}": np.full((1, 1, s, s), i, np.float32) for i, s in enumerate(ENHANCER_NOISE_SIDES)}
+    np.savez(tmp_path / FIXED_NOISE_FILE, **maps)
+    return {"file": FIXED_NOISE_FILE, "sha256": sha256_of(tmp_path / FIXED_NOISE_FILE)}
+
+
+def test_enhancer_on_graphs_reads_the_fixed_noise_and_the_parse_stage(tmp_path):
+    entry = _noise_folder(tmp_path)
+    enhancer = enhancer_on_graphs(_GraphBackend(tmp_path, {"enhancer": {"fixed_noise": entry}}))
+    assert not enhancer.parse and enhancer.fixed_noise[3][0, 0, 0, 0] == 3
+    assert enhancer.noise([0, 1], "fixed", 0)["noise14"].shape == (2, 1, 512, 512)
+    enhancer = enhancer_on_graphs(_GraphBackend(tmp_path, {"enhancer": {"fixed_noise": entry}, "face_parse": {}}))
+    assert enhancer.parse
+    with pytest.raises(WeightsError, match="no enhancer graph"):
+        enhancer_on_graphs(_GraphBackend(tmp_path, {"renderer": {}}))
+    (tmp_path / FIXED_NOISE_FILE).write_bytes(b"changed")
+    with pytest.raises(WeightsError, match="sha256"):
+        load_fixed_noise(tmp_path, {"stages": {"enhancer": {"fixed_noise": entry}}})
+
+
+def test_graphs_folder_without_the_enhancer_needs_its_weights(tmp_path):
+    from sadtalker_rt.backend_choice import BackendChoice
+
+    class Head:
+        backend = _GraphBackend(tmp_path, {"renderer": {}})
+        backend.precision = "fp32"
+
+    choice = BackendChoice("onnxruntime", graphs=tmp_path)
+    with pytest.raises(UsageError, match="has no enhancer graphs"):
+        choice.open_enhancer(Head(), None)
+    Head.backend.manifest["stages"]["enhancer"] = {}
+    with pytest.raises(UsageError, match="leave out --enhancer-weights"):
+        choice.open_enhancer(Head(), object())
+
+
+def test_enhancer_cache_is_keyed_by_weights_and_precision(tmp_path, monkeypatch):
+    from sadtalker_rt.build import cache
+    from sadtalker_rt.models.enhancer_weights import EnhancerWeights
+
+    monkeypatch.setenv("SADTALKER_RT_CACHE", str(tmp_path / "cache"))
+    calls = []
+
+    def fake_export(weights, size, out_dir, precision="fp32", stages=(), faces=None, **_):
+        calls.append((precision, stages, faces.shape))
+        (out_dir / "manifest.json").write_text(json.dumps({"precision": precision}))
+
+    monkeypatch.setattr("sadtalker_rt.build.export.onnx_export.export_graphs", fake_export)
+    monkeypatch.setattr("sadtalker_rt.build.export.enhancer_inputs.aligned_faces",
+                        lambda photos: np.zeros((len(photos), 3, 512, 512), np.float32))
+    weights = EnhancerWeights(synthetic_seed=0)
+    first = cache.enhancer_graphs_for(weights, "fp16")
+    assert cache.enhancer_graphs_for(weights, "fp16") == first and len(calls) == 1
+    assert calls[0] == ("fp16", ENHANCER_STAGES, (2, 3, 512, 512))
+    assert len({first, cache.enhancer_graphs_for(weights, "fp32"),
+                cache.enhancer_graphs_for(EnhancerWeights(synthetic_seed=1), "fp16")}) == 3
+
+
+@pytest.fixture(scope="module")
+def example_faces(assets_dir):
+    from sadtalker_rt.build.export.enhancer_inputs import aligned_faces
+
+    return aligned_faces(sorted(assets_dir.glob("*.png")))
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_enhancer_graphs_match_torch_on_example_photos(tmp_path_factory, example_faces, precision):
+    """Real aligned faces of every example photo; FP16 storage emulated on CPU, against float32 PyTorch."""
+    from sadtalker_rt.build.export.onnx_export import export_graphs
+    from sadtalker_rt.models.enhancer_weights import EnhancerWeights
+
+    out = tmp_path_factory.mktemp(f"enhancer-{precision}")
+    manifest = export_graphs(None, 256, out, precision=precision, stages=ENHANCER_STAGES,
+                             enhancer_weights=EnhancerWeights(synthetic_seed=0), faces=example_faces)
+    rows = manifest["stages"]["enhancer"]["parity"]
+    assert {r["shape"] for r in rows} == {"trace(face[0]=2)", "check(face[0]=1)"}     # dynamic batch
+    assert all(r["passed"] for s in manifest["stages"].values() for r in s["parity"])
+    if precision == "fp16":
+        assert min(r["psnr_db"] for r in rows) >= 40.0 and manifest["stages"]["enhancer"]["fp32_islands"]
+    assert (out / manifest["stages"]["enhancer"]["fixed_noise"]["file"]).is_file()
+
+
+@pytest.mark.heavy
+def test_run_with_enhancer_on_onnxruntime(tmp_path, assets_dir, monkeypatch):
+    """run --backend onnxruntime --enhancer gfpgan: the enhancer's graphs are made once, cached and run by onnxruntime."""
+    from sadtalker_rt import media
+    from sadtalker_rt.cli import main
+
+    monkeypatch.setenv("SADTALKER_RT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "talk.mp4"
+    try:
+        code = main(["run", str(assets_dir / "art_0.png"), str(assets_dir / "RD_Radio31_000.wav"), "-o", str(out),
+              "--synthetic-weights", "--duration", "0.04", "--backend", "onnxruntime", "--enhancer", "gfpgan",
+              "--batch-size", "1", "--quiet"])
+    except SystemExit as exit_:
+        code = exit_.code
+    assert not code
+    info = media.probe_video(out)
+    assert (info["width"], info["height"]) == (512, 512) and info["audio_codec"] == "aac"
+    assert len(list((tmp_path / "cache" / "enhancer-graphs").iterdir())) == 1
