@@ -111,6 +111,8 @@ def run(
                                                 "included) replaces the photo's as the expression reference"),
     ref_pose: Optional[Path] = typer.Option(None, "--ref-pose", help="video whose head motion is added to the "
                                             "generated head pose"),
+    enhancer_points: str = typer.Option("track", "--enhancer-points", help="alignment points per frame: track "
+                                        "(default; landmarks followed from frame to frame) or fixed (the photo's)"),
 ) -> None:
     """Animate IMAGE (a photo, or a video: its first frame) with AUDIO into an mp4 (H.264 + AAC, 25 fps)."""
     import time
@@ -121,7 +123,7 @@ def run(
     options = Options(pose_style=pose_style, expression_scale=expression_scale, still=still, seed=seed,
                       batch_size=batch_size, duration=duration, enhancer=enhancer, enhancer_noise=enhancer_noise,
                       input_yaw=input_yaw, input_pitch=input_pitch, input_roll=input_roll, ref_eyeblink=ref_eyeblink,
-                      ref_pose=ref_pose)
+                      ref_pose=ref_pose, enhancer_points=enhancer_points)
     options.validate()
     photo, wav = _load_run_inputs(image, audio, output, overwrite, (ref_eyeblink, ref_pose))
     choice = BackendChoice(backend, device, precision, cuda_graphs, graphs, engines)

@@ -153,3 +153,34 @@ def test_run_with_enhancer_on_onnxruntime(tmp_path, assets_dir, monkeypatch):
     info = media.probe_video(out)
     assert (info["width"], info["height"]) == (512, 512) and info["audio_codec"] == "aac"
     assert len(list((tmp_path / "cache" / "enhancer-graphs").iterdir())) == 1
+
+
+def test_tracked_points_follow_the_head_and_fall_back_when_lost(assets_dir):
+    import cv2
+
+    from sadtalker_rt import media
+    from sadtalker_rt.runtime import face_restore as fr
+    from sadtalker_rt.runtime import landmarks
+    from sadtalker_rt.runtime import preprocess as prep
+    from sadtalker_rt.runtime.enhancer import FaceEnhancer
+
+    class Identity:
+        def runner(self, stage):
+            class R:
+                infer = staticmethod(lambda feeds: {"image": feeds["face"]})
+            return R()
+
+    photo = media.load_image(assets_dir / "art_0.png")
+    frame, _ = prep.crop_source(photo, landmarks.detect(photo).landmarks, "crop", 256)
+    source = landmarks.detect(frame).landmarks
+    moved = cv2.warpAffine(frame, np.float32([[1, 0, 6], [0, 1, 4]]), (256, 256), borderMode=cv2.BORDER_REFLECT)
+    enhancer = FaceEnhancer(Identity(), parse=False)
+    enhancer.track_from(source)
+    enhancer([moved], [0], "seeded")
+    truth = fr.align_affine(fr.points_from_landmarks68(source) + np.float32([6, 4]))
+    assert np.abs(enhancer._affine[:, 2] - truth[:, 2]).max() < 4          # within 2 px of the moved face
+    eyes = np.linalg.norm(np.subtract(*fr.points_from_landmarks68(source)[:2]))
+    for _ in range(3):      # frames without a face: the points stay near the avatar's, they do not run away
+        enhancer([np.full_like(frame, 128)], [1], "seeded")
+        drift = np.linalg.norm(fr.points_from_landmarks68(enhancer._landmarks) - fr.points_from_landmarks68(source), axis=1)
+        assert drift.max() <= 0.35 * eyes
