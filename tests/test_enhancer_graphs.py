@@ -184,3 +184,38 @@ def test_tracked_points_follow_the_head_and_fall_back_when_lost(assets_dir):
         enhancer([np.full_like(frame, 128)], [1], "seeded")
         drift = np.linalg.norm(fr.points_from_landmarks68(enhancer._landmarks) - fr.points_from_landmarks68(source), axis=1)
         assert drift.max() <= 0.35 * eyes
+
+
+def test_enhanced_video_is_twice_the_size_with_sound(tmp_path, assets_dir):
+    """The pipeline's enhancer wiring, frames to video, with an identity restorer standing in for GFPGAN (the
+    networks themselves: the heavy run test in test_enhancer.py and the graph tests above)."""
+    from sadtalker_rt import media
+    from sadtalker_rt.models.checkpoints import WeightSource
+    from sadtalker_rt.runtime.enhancer import FaceEnhancer
+    from sadtalker_rt.runtime.pipeline import Options, TalkingHead
+
+    class Identity:
+        def __init__(self):
+            self.calls = []
+
+        def runner(self, stage):
+            def infer(feeds):
+                self.calls.append((stage, feeds["face"].shape[0]))
+                if stage == "enhancer":
+                    return {"image": feeds["face"]}
+                return {"parse": np.ones((feeds["face"].shape[0], 512, 512), np.int64)}
+
+            class R:
+                pass
+            R.infer = staticmethod(infer)
+            return R()
+
+    head = TalkingHead.from_weights(WeightSource(synthetic_seed=0), size=256)
+    stand_in = Identity()
+    head.enhancer = FaceEnhancer(stand_in, parse=True)
+    avatar = head.prepare_avatar(assets_dir / "art_0.png", preprocess="crop")
+    out = head.write_video(avatar, assets_dir / "RD_Radio31_000.wav", tmp_path / "x.mp4",
+                           Options(enhancer="gfpgan", enhancer_noise="seeded", duration=0.08, batch_size=2))
+    info = media.probe_video(out)
+    assert (info["width"], info["height"], info["frames"]) == (512, 512, 2) and info["audio_codec"] == "aac"
+    assert stand_in.calls == [("enhancer", 2), ("face_parse", 2)]
