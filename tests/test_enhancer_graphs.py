@@ -128,7 +128,7 @@ def test_enhancer_graphs_match_torch_on_example_photos(tmp_path_factory, example
     manifest = export_graphs(None, 256, out, precision=precision, stages=ENHANCER_STAGES,
                              enhancer_weights=EnhancerWeights(synthetic_seed=0), faces=example_faces)
     rows = manifest["stages"]["enhancer"]["parity"]
-    assert {r["shape"] for r in rows} == {"trace(face[0]=2)", "check(face[0]=1)"}     # dynamic batch
+    assert sorted(r["shape"][:16] for r in rows) == ["check(face[0]=1,", "trace(face[0]=2,"]     # dynamic batch
     assert all(r["passed"] for s in manifest["stages"].values() for r in s["parity"])
     if precision == "fp16":
         assert min(r["psnr_db"] for r in rows) >= 40.0 and manifest["stages"]["enhancer"]["fp32_islands"]
