@@ -29,7 +29,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sadtalker_rt.bench_enhancer import _face_box, _frame_and_points  # noqa: E402
+from sadtalker_rt.bench.enhancer import _face_box, _frame_and_points  # noqa: E402
 from sadtalker_rt.runtime import face_restore as fr  # noqa: E402
 from sadtalker_rt.runtime import landmarks  # noqa: E402
 

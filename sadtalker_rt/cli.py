@@ -367,7 +367,7 @@ def bench_enhancer(
     """Per-frame cost and parity of the face enhancer on each backend against the official PyTorch way."""
     import json
 
-    from . import bench_enhancer as mod
+    from .bench import enhancer as mod
     from . import media
 
     if rounds < 1:

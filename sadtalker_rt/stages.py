@@ -236,6 +236,7 @@ STAGES["face_parse"] = Stage(
     profile=(1, 4, 8),
     option="--enhancer gfpgan",
 )
+EXPORT_ORDER = ORDER + ENHANCER_STAGES   # what `export` can make, in order; the enhancer only when asked
 
 
 def is_full(preprocess: str) -> bool:

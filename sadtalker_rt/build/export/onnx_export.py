@@ -21,14 +21,13 @@ import numpy as np
 from ... import __version__
 from ...runtime.manifest import FORMAT, MANIFEST, sha256_of
 from ...errors import SadTalkerError, UsageError
-from ...stages import (BATCH, ENHANCER_STAGES, FP16_MIN_PSNR_DB, FRAMES, MIN_CLASS_AGREEMENT, OPSET, ORDER,
-                       POSE_STYLES, STAGES, Stage)
+from ...stages import (BATCH, ENHANCER_STAGES, EXPORT_ORDER, FP16_MIN_PSNR_DB, FRAMES, MIN_CLASS_AGREEMENT, OPSET,
+                       ORDER, POSE_STYLES, STAGES, Stage)
 
 TRACE_AXES = {BATCH: 2, FRAMES: 8}          # dynamic axis values used for tracing
 CHECK_AXES = {BATCH: 3, FRAMES: 5}          # another shape, to prove the axes really are dynamic
 # The enhancer stages run 512x512 faces through ~100 GFLOP graphs: batch 1 is the cheapest other shape.
 STAGE_CHECK_AXES = {name: {BATCH: 1} for name in ENHANCER_STAGES}
-EXPORT_ORDER = ORDER + ENHANCER_STAGES
 
 
 class ExportValidationError(SadTalkerError):

@@ -36,10 +36,10 @@ class EnhancerBenchConfig:
 
 def _frame_and_points(photo: Path) -> tuple[np.ndarray, np.ndarray]:
     """The photo's crop-mode 256 frame as the renderer's source frame, and its 5 face points."""
-    from . import media
-    from .runtime import face_restore as fr
-    from .runtime import landmarks
-    from .runtime import preprocess as prep
+    from .. import media
+    from ..runtime import face_restore as fr
+    from ..runtime import landmarks
+    from ..runtime import preprocess as prep
 
     image = media.load_image(photo)
     found = landmarks.detect(image, name=str(photo))
@@ -60,8 +60,8 @@ def _face_box(enhancer, frame_shape: tuple) -> tuple[int, int, int, int]:
 
 
 def _candidates(config: EnhancerBenchConfig) -> dict[str, object]:
-    from .runtime.backends import open_backend
-    from .runtime.enhancer import FaceEnhancer, enhancer_on_graphs
+    from ..runtime.backends import open_backend
+    from ..runtime.enhancer import FaceEnhancer, enhancer_on_graphs
 
     torch_backend = open_backend("torch", weights=config.enhancer_weights)
     gfpgan = torch_backend.subnetwork("gfpgan")
@@ -74,7 +74,7 @@ def _candidates(config: EnhancerBenchConfig) -> dict[str, object]:
 
 
 def run_enhancer_bench(config: EnhancerBenchConfig, log: Callable[[str], None] = print) -> dict:
-    from .parity import region_psnr
+    from ..parity import region_psnr
 
     frame, points = _frame_and_points(config.photo)
     enhancers = _candidates(config)
@@ -135,7 +135,7 @@ def to_markdown(report: dict) -> str:
 
 def default_graphs(enhancer_weights, precisions: Optional[list[str]] = None, progress=None) -> dict:
     """The cached onnxruntime enhancer graphs for each precision (exported once)."""
-    from .build import cache
+    from ..build import cache
 
     return {f"onnxruntime-{p}": cache.enhancer_graphs_for(enhancer_weights, p, progress)
             for p in (precisions or ["fp32", "fp16"])}
