@@ -105,7 +105,8 @@ def run_enhancer_bench(config: EnhancerBenchConfig, log: Callable[[str], None] =
             "ms_per_frame_all": [round(1000 * t, 1) for t in spent],
             "speedup_vs_official_median": statistics.median(ratios),
             "speedup_vs_official_min_max": [min(ratios), max(ratios)],
-            "face_psnr_db_vs_official": region_psnr(image, reference, box) if name != OFFICIAL else None,
+            "face_psnr_db_vs_official": region_psnr(image, reference, (box[2], box[0], box[3], box[1]))
+            if name != OFFICIAL else None,
         })
     return {
         "what": "face enhancer step per frame (align, GFPGAN v1.4, parsing network, paste back at 2x)",
