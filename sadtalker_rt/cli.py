@@ -111,6 +111,8 @@ def run(
                                                 "included) replaces the photo's as the expression reference"),
     ref_pose: Optional[Path] = typer.Option(None, "--ref-pose", help="video whose head motion is added to the "
                                             "generated head pose"),
+    enhancer_points: str = typer.Option("track", "--enhancer-points", help="alignment points per frame: track "
+                                        "(default; landmarks followed from frame to frame) or fixed (the photo's)"),
 ) -> None:
     """Animate IMAGE (a photo, or a video: its first frame) with AUDIO into an mp4 (H.264 + AAC, 25 fps)."""
     import time
@@ -121,16 +123,19 @@ def run(
     options = Options(pose_style=pose_style, expression_scale=expression_scale, still=still, seed=seed,
                       batch_size=batch_size, duration=duration, enhancer=enhancer, enhancer_noise=enhancer_noise,
                       input_yaw=input_yaw, input_pitch=input_pitch, input_roll=input_roll, ref_eyeblink=ref_eyeblink,
-                      ref_pose=ref_pose)
+                      ref_pose=ref_pose, enhancer_points=enhancer_points)
     options.validate()
     photo, wav = _load_run_inputs(image, audio, output, overwrite, (ref_eyeblink, ref_pose))
     choice = BackendChoice(backend, device, precision, cuda_graphs, graphs, engines)
     choice.check()
     bars = StageBars(None if not quiet else False)
     head = choice.open(TalkingHead, checkpoints, synthetic_weights, size, old_version, bars)
-    extra = _enhancer_weights(enhancer, enhancer_weights, checkpoints, synthetic_weights)
-    if extra is not None:
-        head.enable_enhancer(extra, device=device or ("cuda" if backend == "tensorrt" else "cpu"))
+    if enhancer is not None:
+        from_folder = graphs is not None and enhancer_weights is None and checkpoints is None
+        extra = None if from_folder else _enhancer_weights(enhancer, enhancer_weights, checkpoints, synthetic_weights)
+        choice.open_enhancer(head, extra, bars)
+    elif enhancer_weights is not None:
+        raise UsageError("--enhancer-weights is for --enhancer gfpgan.")
     for line in head.backend.notes:
         typer.echo(f"note: {line}", err=True)
     start = time.perf_counter()
@@ -154,6 +159,11 @@ def export(
                                     "native from 11.2, else decomposed; native without TensorRT), native "
                                     "(GridSample, opset 20) or decomposed"),
     stage: Optional[list[str]] = typer.Option(None, "--stage", help="export only these stages"),
+    enhancer: Optional[str] = typer.Option(None, "--enhancer", help="gfpgan: export the enhancer stages too "
+                                           "(enhancer, face_parse)"),
+    enhancer_weights: Optional[Path] = typer.Option(None, "--enhancer-weights", help="GFPGANv1.4.pth, or the folder "
+                                                    "with it and parsing_parsenet.pth (default: gfpgan/weights "
+                                                    "beside --checkpoints)"),
     image: Optional[Path] = typer.Option(None, "--image", help="photo to validate on (default: the demo photo)"),
     old_version: bool = typer.Option(False, "--old-version", help="load the legacy .pth checkpoints"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
@@ -163,14 +173,32 @@ def export(
     from .stages import ORDER
     from .progress import StageBars
 
+    from .runtime.enhancer import check_enhancer
+    from .stages import ENHANCER_STAGES
+
     weights = weight_source(checkpoints, synthetic_weights, size, old_version)
     source = _source_image(image, size)
+    stages = tuple(stage) if stage else ORDER
+    wanted = enhancer is not None or any(s in ENHANCER_STAGES for s in stages)
+    extra = _enhancer_weights(enhancer or "gfpgan", enhancer_weights, checkpoints, synthetic_weights) if wanted else None
+    faces = None
+    if extra is not None:
+        check_enhancer(enhancer, "fixed")
+        from . import media
+        from .build.export.enhancer_inputs import aligned_faces
+
+        if enhancer is not None and not stage:
+            stages += tuple(s for s in ENHANCER_STAGES if s != "face_parse" or extra.has("parsenet"))
+        photo = media.load_image(image if image is not None else media.demo_image())
+        faces = aligned_faces([photo, photo[:, ::-1]])      # the photo's face and its mirror image
+    elif enhancer_weights is not None:
+        raise UsageError("--enhancer-weights is for --enhancer gfpgan.")
     bars = StageBars(None if not quiet else False)
     manifest = export_graphs(weights, size, output, precision=precision, grid_sample=grid_sample,
-                             stages=tuple(stage) if stage else ORDER, source_image=source, progress=bars)
+                             stages=stages, source_image=source, progress=bars, enhancer_weights=extra, faces=faces)
     bars.close()
     for name, entry in manifest["stages"].items():
-        worst = max((r["max_rel"] for r in entry["parity"]), default=float("nan"))
+        worst = max((r["max_rel"] for r in entry["parity"] if "agreement" not in r), default=float("nan"))
         psnr = min((r["psnr_db"] for r in entry["parity"] if "psnr_db" in r), default=None)
         extra = f"  PSNR {psnr:.1f} dB" if psnr is not None else ""
         islands = f"  {len(entry['fp32_islands'])} FP32 islands" if entry["fp32_islands"] else ""
@@ -322,6 +350,36 @@ def bench(
            if b["status"] == "failed" or (b["status"] == "ok" and not b["parity"]["passed"])]
     if bad:
         raise bench_mod.ParityFailure(f"parity failed or the run crashed for {', '.join(bad)} (reports written).")
+
+
+@app.command("bench-enhancer")
+def bench_enhancer(
+    checkpoints: Optional[Path] = typer.Option(None, "--checkpoints", help=CHECKPOINTS_HELP),
+    synthetic_weights: Optional[int] = typer.Option(None, "--synthetic-weights", metavar="[SEED]", help=SYNTHETIC_HELP),
+    enhancer_weights: Optional[Path] = typer.Option(None, "--enhancer-weights", help="GFPGANv1.4.pth, or the folder "
+                                                    "with it and parsing_parsenet.pth"),
+    image: Optional[Path] = typer.Option(None, "--image", help="photo (default: the bundled demo photo)"),
+    graphs: Optional[list[str]] = typer.Option(None, "--graphs", help="NAME=DIR, e.g. onnxruntime-fp16=DIR "
+                                               "(default: onnxruntime fp32 and fp16 from the cache)"),
+    rounds: int = typer.Option(3, "--rounds", help="interleaved timing rounds"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write the report as JSON"),
+) -> None:
+    """Per-frame cost and parity of the face enhancer on each backend against the official PyTorch way."""
+    import json
+
+    from .bench import enhancer as mod
+    from . import media
+
+    if rounds < 1:
+        raise UsageError(f"--rounds must be at least 1, not {rounds}.")
+    extra = _enhancer_weights("gfpgan", enhancer_weights, checkpoints, synthetic_weights)
+    named = dict(item.split("=", 1) for item in graphs) if graphs else mod.default_graphs(extra)
+    config = mod.EnhancerBenchConfig(extra, image or media.demo_image(), named, rounds,
+                                     command="sadtalker-rt " + " ".join(sys.argv[1:]))
+    report = mod.run_enhancer_bench(config, log=lambda line: typer.echo(line, err=True))
+    if json_out is not None:
+        json_out.write_text(json.dumps(report, indent=2))
+    typer.echo(mod.to_markdown(report))
 
 
 def _register_triton() -> None:

@@ -40,7 +40,7 @@ class Tensor:
     name: str
     shape: tuple
     dtype: str = "float32"
-    kind: str = "value"         # image | keypoints | semantics | mels | class | degrees | mask | value
+    kind: str = "value"         # image | face | keypoints | semantics | mels | noise | class | degrees | mask | value
     source: str = ""            # "stage.output" that feeds this input; "" for host inputs
 
     def resolve(self, size: int, **axes: int) -> tuple[int, ...]:
@@ -55,6 +55,8 @@ class Tensor:
 # Pass/fail bounds of a stage's outputs per precision (``Stage.tolerance``); sadtalker_rt.parity applies them.
 FP16_MAX_REL = 5e-2          # reduced precision, non-image outputs: max|diff| / max(1, max|ref|)
 FP16_MIN_PSNR_DB = 40.0      # reduced precision, image outputs (values in [0, 1]): PSNR against float32
+# Class maps (argmax outputs, kind "class"): the share of elements that must agree; near-ties may flip.
+MIN_CLASS_AGREEMENT = {"fp32": 0.9999, "fp16": 0.995}
 REDUCED_PRECISIONS = ("fp16", "fp16-autocast", "tf32")
 
 
@@ -215,24 +217,26 @@ ENHANCER_FACE = 512
 ENHANCER_UPSCALE = 2
 ENHANCER_NOISE_SIDES = (4, 8, 8, 16, 16, 32, 32, 64, 64, 128, 128, 256, 256, 512, 512)
 ENHANCER_NOISE_MODES = ("fixed", "seeded", "fresh")
+ENHANCER_STAGES = ("enhancer", "face_parse")
 
 STAGES["enhancer"] = Stage(
     "enhancer", "frame",
-    inputs=(Tensor("face", (BATCH, 3, ENHANCER_FACE, ENHANCER_FACE)),
-            *(Tensor(f"noise{i}", (BATCH, 1, side, side)) for i, side in enumerate(ENHANCER_NOISE_SIDES))),
-    outputs=(Tensor("image", (BATCH, 3, ENHANCER_FACE, ENHANCER_FACE)),),
+    inputs=(Tensor("face", (BATCH, 3, ENHANCER_FACE, ENHANCER_FACE), kind="face"),
+            *(Tensor(f"noise{i}", (BATCH, 1, side, side), kind="noise") for i, side in enumerate(ENHANCER_NOISE_SIDES))),
+    outputs=(Tensor("image", (BATCH, 3, ENHANCER_FACE, ENHANCER_FACE), kind="face"),),
     subnetworks=("gfpgan",),
     profile=(1, 4, 8),
     option="--enhancer gfpgan",
 )
 STAGES["face_parse"] = Stage(
     "face_parse", "frame",
-    inputs=(Tensor("face", (BATCH, 3, ENHANCER_FACE, ENHANCER_FACE)),),
-    outputs=(Tensor("parse", (BATCH, ENHANCER_FACE, ENHANCER_FACE), "int64"),),
+    inputs=(Tensor("face", (BATCH, 3, ENHANCER_FACE, ENHANCER_FACE), kind="face"),),
+    outputs=(Tensor("parse", (BATCH, ENHANCER_FACE, ENHANCER_FACE), "int64", kind="class"),),
     subnetworks=("parsenet",),
     profile=(1, 4, 8),
     option="--enhancer gfpgan",
 )
+EXPORT_ORDER = ORDER + ENHANCER_STAGES   # what `export` can make, in order; the enhancer only when asked
 
 
 def is_full(preprocess: str) -> bool:

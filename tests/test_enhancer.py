@@ -144,6 +144,7 @@ def _enhanced_video(tmp_path, assets_dir, photo: str, preprocess: str, seconds: 
     return media.probe_video(out)
 
 
+@pytest.mark.heavy
 def test_run_with_enhancer_writes_video_at_twice_the_size(tmp_path, assets_dir):
     info = _enhanced_video(tmp_path, assets_dir, "art_0.png", "crop")
     assert (info["width"], info["height"]) == (512, 512) and info["frames"] == 1

@@ -81,13 +81,40 @@ def graphs_for(weights, size: int, precision: str, grid_sample: str = "native",
     from .export.onnx_export import export_graphs
 
     key = graphs_key(weights, size, precision, grid_sample)
-    folder = cache_root() / "graphs" / key_name(key)
+    return _cached_folder(cache_root() / "graphs" / key_name(key), key, lambda staging: export_graphs(
+        weights, size, staging, precision=precision, grid_sample=grid_sample, progress=progress))
+
+
+def enhancer_graphs_for(enhancer_weights, precision: str, progress: Progress | None = None) -> Path:
+    """The cached folder of the enhancer stages (``face_parse`` too where the parsing weights exist) for these
+    weights and precision; render size does not enter (faces are 512 x 512). Calibrated on the demo photo's face
+    and its mirror image."""
+    from .export.enhancer_inputs import aligned_faces
+    from .export.onnx_export import export_graphs
+    from .. import media
+    from ..stages import ENHANCER_STAGES
+
+    stages = tuple(s for s in ENHANCER_STAGES if s != "face_parse" or enhancer_weights.has("parsenet"))
+    key = {"format": FORMAT, "weights": weights_digest(enhancer_weights), "precision": precision, "stages": stages,
+           "opset": OPSET, "toolkit": __version__, "torch": _version("torch"), "onnx": _version("onnx"),
+           "onnxruntime": _version("onnxruntime")}
+
+    def export(staging: Path) -> None:
+        photo = media.load_image(media.demo_image())
+        faces = aligned_faces([photo, photo[:, ::-1]])
+        export_graphs(None, 256, staging, precision=precision, stages=stages, enhancer_weights=enhancer_weights,
+                      faces=faces, progress=progress)
+
+    return _cached_folder(cache_root() / "enhancer-graphs" / key_name(key), key, export)
+
+
+def _cached_folder(folder: Path, key: dict, make: Callable[[Path], None]) -> Path:
     if (folder / MANIFEST).is_file():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
-        export_graphs(weights, size, staging, precision=precision, grid_sample=grid_sample, progress=progress)
+        make(staging)
         _write_json_atomic(staging / "cache-key.json", key)
         try:
             staging.rename(folder)

@@ -75,6 +75,12 @@ class EnhancerWeights:
         path = self.path(name)
         return f"{path} ['params_ema']" if name == "gfpgan" else str(path)
 
+    def files(self) -> list[Path]:
+        """The weight files read (none for synthetic weights): GFPGAN and, where present, the parsing network."""
+        if self.synthetic:
+            return []
+        return [p for p in (self.path("gfpgan"), self.path("parsenet")) if p is not None]
+
     def describe(self) -> str:
         return (f"synthetic enhancer weights (seed {self.synthetic_seed})" if self.synthetic
                 else f"GFPGAN weights from {self.location}")

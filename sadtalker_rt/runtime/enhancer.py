@@ -11,22 +11,55 @@ Numpy and OpenCV only; frames are RGB in and out (converted to the BGR the offic
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 
 from . import face_restore as fr
-from ..errors import UsageError
+from ..errors import UsageError, WeightsError
 from ..stages import ENHANCER_NOISE_MODES, ENHANCER_NOISE_SIDES, ENHANCER_UPSCALE
 
 ENHANCERS = ("gfpgan",)
+# Where each frame's alignment points come from (benchmarks/results/cpu-enhancer-choices.json): ``track`` runs
+# dlib's shape predictor in the box of the previous frame's landmarks (first frame: the avatar's own), ``fixed``
+# maps the avatar's points once and keeps them.
+ENHANCER_POINTS = ("track", "fixed")
+TRACK_TOLERANCE = 0.35    # tracked points further than this x the eye distance from the avatar's: keep the last good
+FIXED_NOISE_FILE = "enhancer_fixed_noise.npz"     # the checkpoint's noise maps, beside the exported graphs
 
 
-def check_enhancer(name: Optional[str], noise: str) -> None:
+def check_enhancer(name: Optional[str], noise: str, points: str = "track") -> None:
     if name is not None and name not in ENHANCERS:
         raise UsageError(f"--enhancer must be {' or '.join(ENHANCERS)}, not '{name}'.")
+    if points not in ENHANCER_POINTS:
+        raise UsageError(f"--enhancer-points must be {' or '.join(ENHANCER_POINTS)}, not '{points}'.")
     if noise not in ENHANCER_NOISE_MODES:
         raise UsageError(f"--enhancer-noise must be one of {', '.join(ENHANCER_NOISE_MODES)}, not '{noise}'.")
+
+
+def load_fixed_noise(directory: Path, manifest: dict) -> Optional[list[np.ndarray]]:
+    """The checkpoint's 15 noise maps an export keeps beside the enhancer graph (checked by sha256)."""
+    from .manifest import sha256_of
+
+    entry = manifest.get("stages", {}).get("enhancer", {}).get("fixed_noise")
+    if not entry:
+        return None
+    path = Path(directory) / entry["file"]
+    if not path.is_file() or sha256_of(path) != entry["sha256"]:
+        raise WeightsError(f"{path} is missing or does not match the sha256 in its manifest; re-export the enhancer.")
+    with np.load(path) as data:
+        return [data[f"noise{i}"] for i in range(len(ENHANCER_NOISE_SIDES))]
+
+
+def enhancer_on_graphs(backend) -> "FaceEnhancer":
+    """A FaceEnhancer on a graph backend (onnxruntime) whose folder holds the enhancer stages; the parsing
+    mask is used when the folder has ``face_parse`` too."""
+    stages = backend.manifest.get("stages", {})
+    if "enhancer" not in stages:
+        raise WeightsError(f"{backend.directory} has no enhancer graph; export it with `sadtalker-rt export "
+                           "--enhancer gfpgan` (or leave out --graphs to use the cache).")
+    return FaceEnhancer(backend, load_fixed_noise(backend.directory, backend.manifest), parse="face_parse" in stages)
 
 
 class FaceEnhancer:
@@ -42,12 +75,34 @@ class FaceEnhancer:
         self.parse = parse
         self.upscale = upscale
         self._affine = None
+        self._landmarks = None
 
     def set_points(self, points: np.ndarray) -> None:
         """The face's 5 points (eyes, nose tip, mouth corners) in video-frame pixels, fixed for the avatar."""
         affine = fr.align_affine(np.asarray(points, np.float32))
         self._affine = affine
         self._inverse = fr.inverse_affine(affine, self.upscale)
+        self._landmarks = None
+
+    def track_from(self, landmarks68: np.ndarray) -> None:
+        """Track the 68 landmarks from frame to frame, starting from the avatar's (in video-frame pixels)."""
+        self.set_points(fr.points_from_landmarks68(landmarks68))
+        self._start = self._landmarks = np.asarray(landmarks68, np.float32)
+        self._start5 = fr.points_from_landmarks68(self._start)
+
+    def _frame_geometry(self, frame_rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self._landmarks is None:
+            return self._affine, self._inverse
+        from .landmarks import track
+
+        found = track(frame_rgb, self._landmarks)
+        points = fr.points_from_landmarks68(found)
+        eyes = np.linalg.norm(self._start5[1] - self._start5[0])
+        if np.linalg.norm(points - self._start5, axis=1).max() <= TRACK_TOLERANCE * eyes:
+            self._landmarks = found      # else keep the last good landmarks: the tracker lost the face
+            self._affine = fr.align_affine(points)
+            self._inverse = fr.inverse_affine(self._affine, self.upscale)
+        return self._affine, self._inverse
 
     def noise(self, indices: Sequence[int], mode: str, seed: int) -> dict[str, np.ndarray]:
         batch = len(indices)
@@ -68,7 +123,8 @@ class FaceEnhancer:
         if self._affine is None:
             raise RuntimeError("set_points() first")
         bgr = [np.ascontiguousarray(f[..., ::-1]) for f in frames_rgb]
-        cropped = np.stack([fr.warp_face(f, self._affine) for f in bgr])
+        geometry = [self._frame_geometry(f) for f in frames_rgb]
+        cropped = np.stack([fr.warp_face(f, affine) for f, (affine, _) in zip(bgr, geometry)])
         image = self.backend.runner("enhancer").infer({"face": fr.network_input(cropped),
                                                        **self.noise(indices, mode, seed)})["image"]
         restored = fr.restored_image(image)
@@ -77,5 +133,5 @@ class FaceEnhancer:
             parse = self.backend.runner("face_parse").infer(
                 {"face": fr.network_input(restored, float64_division=False)})["parse"]
             masks = [fr.parse_mask(p) for p in parse]
-        return [np.ascontiguousarray(fr.paste_faces(f, [r], [self._inverse], self.upscale, [m])[..., ::-1])
-                for f, r, m in zip(bgr, restored, masks)]
+        return [np.ascontiguousarray(fr.paste_faces(f, [r], [inverse], self.upscale, [m])[..., ::-1])
+                for f, r, m, (_, inverse) in zip(bgr, restored, masks, geometry)]

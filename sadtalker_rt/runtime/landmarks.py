@@ -104,3 +104,15 @@ def detect(image: np.ndarray, name: str = "the image") -> FaceLandmarks:
     shape = predictor(image, dlib.rectangle(*box))
     points = np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float32)
     return FaceLandmarks(points, box, tuple(boxes))
+
+
+def track(image: np.ndarray, previous: np.ndarray) -> np.ndarray:
+    """68 landmarks found by the shape predictor alone, in the box around the previous frame's landmarks
+    (no detector: a few ms instead of ~150 ms for a 256 frame and seconds for a full photo)."""
+    dlib, _, predictor = _dlib_models()
+    x1, y1 = np.min(previous, axis=0)
+    x2, y2 = np.max(previous, axis=0)
+    pad = 0.15 * (x2 - x1)          # the detector's boxes reach above the brows and beyond the jaw line
+    box = dlib.rectangle(int(round(x1 - pad)), int(round(y1 - 2 * pad)), int(round(x2 + pad)), int(round(y2 + pad)))
+    shape = predictor(_as_rgb(image, "the frame"), box)
+    return np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float32)

@@ -40,6 +40,7 @@ class Options:
     duration: Optional[float] = None   # seconds of audio to use (None: all)
     enhancer: Optional[str] = None     # "gfpgan": restore the face, video at twice the size
     enhancer_noise: str = "fixed"      # GFPGAN decoder noise: fixed, seeded or fresh (sadtalker_rt.enhancer)
+    enhancer_points: str = "track"     # alignment points per frame: track (from the previous frame) or fixed
     # Free view: integer degrees in -90..90 that replace the driving head angle, interpolated over the video.
     input_yaw: Optional[Sequence[int]] = None
     input_pitch: Optional[Sequence[int]] = None
@@ -56,7 +57,7 @@ class Options:
     def validate(self) -> None:
         from .enhancer import check_enhancer
 
-        check_enhancer(self.enhancer, self.enhancer_noise)
+        check_enhancer(self.enhancer, self.enhancer_noise, self.enhancer_points)
         self.free_view()
         for option, reference in (("--ref-eyeblink", self.ref_eyeblink), ("--ref-pose", self.ref_pose)):
             if isinstance(reference, np.ndarray):
@@ -90,6 +91,7 @@ class Avatar:
     features: dict = field(default_factory=dict)   # kp_canonical, kp_source, feature_3d, source_compressed
     notes: list = field(default_factory=list)
     face_points: Optional[np.ndarray] = None   # (5, 2) eyes, nose, mouth corners in the source frame (enhancer)
+    face_landmarks: Optional[np.ndarray] = None   # (68, 2) dlib landmarks in the source frame (enhancer tracking)
 
     @property
     def output_size(self) -> tuple[int, int]:
@@ -203,7 +205,7 @@ class TalkingHead:
 
         avatar = Avatar(self.size, preprocess, frame, source_coeffs, crop_info,
                         photo if is_full(preprocess) else None, notes=notes,
-                        face_points=points_from_landmarks68(frame_landmarks))
+                        face_points=points_from_landmarks68(frame_landmarks), face_landmarks=frame_landmarks)
         self._source_features(avatar)
         return avatar
 
@@ -324,7 +326,10 @@ class TalkingHead:
         if self.enhancer is None:
             raise UsageError("--enhancer gfpgan needs the enhancer's weights (GFPGANv1.4.pth) or --synthetic-weights; "
                              "this TalkingHead was made without them.")
-        self.enhancer.set_points(compositor.map_points(avatar.face_points))
+        if options.enhancer_points == "track" and avatar.face_landmarks is not None:
+            self.enhancer.track_from(compositor.map_points(avatar.face_landmarks))
+        else:
+            self.enhancer.set_points(compositor.map_points(avatar.face_points))
         return self.enhancer
 
     def generate(self, avatar: Avatar, audio: AudioLike, options: Options = Options(),

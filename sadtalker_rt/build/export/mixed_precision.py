@@ -195,12 +195,13 @@ def _formal_type(params, slot: int) -> str | None:
 # --- calibration -------------------------------------------------------------------------------------------
 
 def measure_activation_ranges(model, feeds: list[dict[str, np.ndarray]],
-                              tensors_per_run: int = 256) -> dict[str, float]:
+                              tensors_per_run: int = 256, bytes_per_run: int = 1 << 30) -> dict[str, float]:
     """Max |x| of every float graph input and node output over the calibration feeds, in FP32.
 
     The graph is run in onnxruntime (CPU) on a copy whose outputs are the intermediate tensors, at most
-    ``tensors_per_run`` of them per session so that memory stays bounded on large graphs. A tensor with
-    non-finite values gets ``inf`` and a warning names it.
+    ``tensors_per_run`` of them and about ``bytes_per_run`` of their float32 values per session so that memory
+    stays bounded on large graphs (the enhancer's 512 x 512 activations at 64 channels are 64 MiB each a face).
+    A tensor with non-finite values gets ``inf`` and a warning names it.
     """
     import onnx
     import onnxruntime as ort
@@ -216,8 +217,8 @@ def measure_activation_ranges(model, feeds: list[dict[str, np.ndarray]],
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    for start in range(0, len(names), tensors_per_run):
-        chunk = names[start:start + tensors_per_run]
+    batch = max((v.shape[0] for feed in feeds for v in feed.values() if np.ndim(v)), default=1)
+    for chunk in _chunks(names, [_bytes(g.shapes.get(t), batch) for t in names], tensors_per_run, bytes_per_run):
         probe = _copy(model)
         del probe.graph.value_info[:]
         del probe.graph.output[:]
@@ -231,6 +232,25 @@ def measure_activation_ranges(model, feeds: list[dict[str, np.ndarray]],
         warnings.warn(f"{len(bad)} tensors are not finite in FP32 on the calibration feeds: {', '.join(bad[:8])}",
                       stacklevel=2)
     return ranges
+
+
+def _bytes(shape: tuple | None, batch: int) -> int:
+    """float32 bytes of a tensor whose unknown dimensions are taken as ``batch`` (a guess; 0 when unknown)."""
+    if not shape:
+        return 0
+    return 4 * math.prod(batch if d is None else d for d in shape)
+
+
+def _chunks(names: list[str], sizes: list[int], most: int, budget: int) -> list[list[str]]:
+    chunks: list[list[str]] = [[]]
+    used = 0
+    for name, size in zip(names, sizes):
+        if chunks[-1] and (len(chunks[-1]) >= most or used + size > budget):
+            chunks.append([])
+            used = 0
+        chunks[-1].append(name)
+        used += size
+    return [c for c in chunks if c]
 
 
 def _record(ranges: dict[str, float], name: str, value: np.ndarray) -> None:

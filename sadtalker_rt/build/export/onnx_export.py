@@ -21,10 +21,13 @@ import numpy as np
 from ... import __version__
 from ...runtime.manifest import FORMAT, MANIFEST, sha256_of
 from ...errors import SadTalkerError, UsageError
-from ...stages import BATCH, FRAMES, OPSET, ORDER, POSE_STYLES, STAGES, Stage
+from ...stages import (BATCH, ENHANCER_STAGES, EXPORT_ORDER, FP16_MIN_PSNR_DB, FRAMES, MIN_CLASS_AGREEMENT, OPSET,
+                       ORDER, POSE_STYLES, STAGES, Stage)
 
 TRACE_AXES = {BATCH: 2, FRAMES: 8}          # dynamic axis values used for tracing
 CHECK_AXES = {BATCH: 3, FRAMES: 5}          # another shape, to prove the axes really are dynamic
+# The enhancer stages run 512x512 faces through ~100 GFLOP graphs: batch 1 is the cheapest other shape.
+STAGE_CHECK_AXES = {name: {BATCH: 1} for name in ENHANCER_STAGES}
 
 
 class ExportValidationError(SadTalkerError):
@@ -53,16 +56,16 @@ def state_dict_sha256(module) -> str:
 
 
 def example_inputs(stage: Stage, size: int, axes: dict, known: dict[str, np.ndarray],
-                   rng: np.random.Generator) -> dict[str, np.ndarray]:
+                   rng: np.random.Generator, offset: int = 0) -> dict[str, np.ndarray]:
     """Inputs for tracing and validation: what the feeding stage produced where it ran (``known`` holds
-    ``"stage.output"`` arrays and host inputs by name), else plausible data of the tensor's kind."""
+    ``"stage.output"`` arrays and host inputs by name), else plausible data of the tensor's kind.
+    ``offset``: the first known item taken (the check shape starts where the trace shape stopped)."""
     feeds = {}
     for tensor in stage.inputs:
         shape = tensor.resolve(size, **axes)
         upstream = known.get(tensor.source or tensor.name)
         if upstream is not None and upstream.shape[1:] == shape[1:]:
-            reps = -(-shape[0] // upstream.shape[0])
-            feeds[tensor.name] = np.concatenate([upstream] * reps)[: shape[0]]
+            feeds[tensor.name] = upstream[(offset + np.arange(shape[0])) % upstream.shape[0]]
         else:
             feeds[tensor.name] = _SAMPLERS[tensor.kind](rng, shape).astype(tensor.dtype)
     return feeds
@@ -71,6 +74,8 @@ def example_inputs(stage: Stage, size: int, axes: dict, known: dict[str, np.ndar
 _SAMPLERS = {
     "class": lambda rng, shape: rng.integers(0, POSE_STYLES, size=shape),
     "image": lambda rng, shape: rng.uniform(0, 1, size=shape),
+    "face": lambda rng, shape: rng.uniform(-1, 1, size=shape),
+    "noise": lambda rng, shape: rng.standard_normal(size=shape),
     "keypoints": lambda rng, shape: rng.uniform(-0.5, 0.5, size=shape),
     "mels": lambda rng, shape: np.clip(rng.normal(-1.5, 1.2, size=shape), -4, 4),
     # Motion coefficients around a source: small expression and pose offsets per frame.
@@ -160,10 +165,16 @@ def validate_graph(model_bytes: bytes, stage: Stage, checks: list[tuple[str, dic
     results = with_reference(run_outputs(runner, [feeds for _, feeds, _ in checks]), [ref for _, _, ref in checks])
     method = "fp16 storage emulated on CPU" if precision == "fp16" else "onnxruntime CPU"
     rows, failures = [], []
-    for (label, _, _), comparisons in zip(checks, compare_results(stage, precision, results)):
+    ours_iterations = list(results.items())[0][1]
+    for i, ((label, _, ref), comparisons) in enumerate(zip(checks, compare_results(stage, precision, results))):
         for result, passed, reason in image_verdicts(stage, comparisons, precision):
             row = {"shape": label, "output": result.name, "max_abs": result.max_abs, "max_rel": result.max_rel,
                    "mean_abs": result.mean_abs, "p99_abs": result.p99_abs, "method": f"{method}, polygraphy"}
+            kind = stage.output(result.name).kind if any(t.name == result.name for t in stage.outputs) else ""
+            if kind in ("face", "class") and result.name in ref and not result.problem.startswith(("missing", "shape")):
+                judged, reason = _judged_row(kind, ours_iterations[i][result.name], ref[result.name], precision, result)
+                row.update({k: v for k, v in judged.items() if k != "method"})
+                passed = judged["passed"]
             if stage.output(result.name).kind == "image":
                 row["psnr_db"] = result.psnr_db
             row["passed"] = passed
@@ -171,6 +182,30 @@ def validate_graph(model_bytes: bytes, stage: Stage, checks: list[tuple[str, dic
             if not passed:
                 failures.append(f"{stage.name}.{result.name} at {label}: {reason}")
     return rows, failures
+
+
+def _judged_row(kind: str, ours: np.ndarray, ref: np.ndarray, precision: str, result) -> tuple[dict, str]:
+    """Class maps are judged by the share of agreeing elements; faces in [-1, 1] by PSNR as users see them
+    (clipped, on [0, 1]) in FP16, by ``result`` (the relative bound) in FP32. Returns the row and the
+    failure reason ("" when it passes)."""
+    from ...parity import psnr
+
+    method = "fp16 storage emulated on CPU" if precision == "fp16" else "onnxruntime CPU"
+    if kind == "class":
+        agreement = float(np.mean(np.asarray(ours) == np.asarray(ref)))
+        floor = MIN_CLASS_AGREEMENT[precision if precision == "fp32" else "fp16"]
+        passed = agreement >= floor
+        return ({"method": method, "agreement": agreement, "passed": passed},
+                "" if passed else f"{(1 - agreement):.2%} of classes differ (> {1 - floor:.2%})")
+    shown = [(np.clip(np.asarray(x, np.float64), -1, 1) + 1) / 2 for x in (ours, ref)]
+    db = psnr(*shown)
+    if precision == "fp32":
+        passed = bool(result.passed)
+        reason = f"relative error {result.max_rel:.2e} > {result.rtol:.0e}"
+    else:
+        passed = db >= FP16_MIN_PSNR_DB
+        reason = f"PSNR {db:.1f} dB < {FP16_MIN_PSNR_DB:.0f} dB"
+    return {"method": method, "psnr_db": db, "passed": passed}, "" if passed else reason
 
 
 def to_mixed_precision(model_bytes: bytes, calibration: list[dict]) -> tuple[bytes, list]:
@@ -195,7 +230,9 @@ def export_stage(stage: Stage, module, size: int, precision: str, grid_sample: s
                  known: dict[str, np.ndarray], rng: np.random.Generator) -> tuple[StageReport, dict]:
     start = time.perf_counter()
     trace_feeds = example_inputs(stage, size, TRACE_AXES, known, rng)
-    check_feeds = example_inputs(stage, size, CHECK_AXES, known, rng) if stage.dynamic else None
+    check_axes = STAGE_CHECK_AXES.get(stage.name, CHECK_AXES)
+    check_feeds = (example_inputs(stage, size, check_axes, known, rng, offset=TRACE_AXES[BATCH])
+                   if stage.dynamic else None)
     model_bytes = trace_to_onnx(module, stage, trace_feeds, grid_sample)
     stage_precision = "fp32" if precision == "fp32" or stage.fp32_reason else "fp16"
     report = StageReport(stage.name, f"{stage.name}.onnx", stage_precision)
@@ -234,6 +271,18 @@ def _manifest_entry(stage: Stage, report: StageReport, out_dir: Path, size: int,
     }
 
 
+def _write_fixed_noise(gfpgan, out_dir: Path) -> dict:
+    """The checkpoint's own decoder noise maps (``--enhancer-noise fixed``) beside the graph, as .npz."""
+    from ...runtime.enhancer import FIXED_NOISE_FILE
+
+    maps = {f"noise{i}": n.detach().cpu().numpy() for i, n in enumerate(gfpgan.stylegan_decoder.stored_noise())}
+    path = out_dir / FIXED_NOISE_FILE
+    tmp = path.with_name(f".{path.name}.tmp.npz")
+    np.savez(tmp, **maps)
+    os.replace(tmp, path)
+    return {"file": FIXED_NOISE_FILE, "sha256": sha256_of(path)}
+
+
 def _version(module: str) -> str | None:
     try:
         return __import__(module).__version__
@@ -243,12 +292,16 @@ def _version(module: str) -> str | None:
 
 def export_graphs(weights, size: int, out_dir: Path, precision: str = "fp32", grid_sample: str = "auto",
                   stages: tuple[str, ...] = ORDER, seed: int = 0, source_image: np.ndarray | None = None,
-                  progress: Callable[[str, int, int], None] | None = None) -> dict:
+                  progress: Callable[[str, int, int], None] | None = None, enhancer_weights=None,
+                  faces: np.ndarray | None = None) -> dict:
     """Export, validate and describe the stages; raise ExportValidationError listing every failure.
 
     ``grid_sample="auto"`` picks the form the installed TensorRT can build (``resolve_grid_sample``).
 
     ``source_image`` (1, 3, S, S) in [0, 1] makes the image stages and everything downstream run on a real photo.
+    ``enhancer_weights`` (``models.enhancer_weights.EnhancerWeights``) serve the enhancer stages, and ``faces``
+    (N, 3, 512, 512) in [-1, 1], real faces aligned to the FFHQ template, are their calibration and validation
+    inputs. ``weights`` may be None when only enhancer stages are exported.
     """
     import torch
 
@@ -263,21 +316,30 @@ def export_graphs(weights, size: int, out_dir: Path, precision: str = "fp32", gr
     grid_sample = resolve_grid_sample(grid_sample)
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
-        raise UsageError(f"unknown stages {unknown}; known: {', '.join(ORDER)}.")
+        raise UsageError(f"unknown stages {unknown}; known: {', '.join(EXPORT_ORDER)}.")
+    enhancing = [s for s in stages if s in ENHANCER_STAGES]
+    if enhancing and enhancer_weights is None:
+        raise UsageError(f"stages {', '.join(enhancing)} need the enhancer's weights (--enhancer gfpgan).")
+    if weights is None and len(enhancing) < len(stages):
+        raise UsageError("the renderer's stages need --checkpoints or --synthetic-weights.")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     subnetworks: dict = {}
 
+    enhancer_subnetworks = {n for s in ENHANCER_STAGES for n in STAGES[s].subnetworks}
+
     def subnetwork(name: str):
         if name not in subnetworks:
-            subnetworks[name] = weights.build(name)
+            subnetworks[name] = (enhancer_weights if name in enhancer_subnetworks else weights).build(name)
         return subnetworks[name]
 
     known: dict[str, np.ndarray] = {} if source_image is None else {"source_image": source_image}
+    if faces is not None:
+        known["face"] = np.ascontiguousarray(faces, np.float32)
     reports, entries = [], {}
-    ordered = [s for s in ORDER if s in stages]
+    ordered = [s for s in EXPORT_ORDER if s in stages]
     for i, name in enumerate(ordered):
         if progress:
             progress("export", i, len(ordered))
@@ -290,13 +352,21 @@ def export_graphs(weights, size: int, out_dir: Path, precision: str = "fp32", gr
                                         {n: state_dict_sha256(subnetwork(n)) for n in stage.subnetworks})
     if progress:
         progress("export", len(ordered), len(ordered))
+    if "enhancer" in entries:
+        entries["enhancer"]["fixed_noise"] = _write_fixed_noise(subnetwork("gfpgan"), out_dir)
+    described = weights if weights is not None else enhancer_weights
     manifest = {
         "format": FORMAT, "toolkit_version": __version__, "size": size, "precision": precision,
         "grid_sample": grid_sample, "opset": OPSET,
-        "weights": {"identity": weights.identity(), "description": weights.describe(), "synthetic": weights.synthetic},
+        "weights": {"identity": described.identity(), "description": described.describe(),
+                    "synthetic": described.synthetic},
         "exported_with": {"torch": torch.__version__, "onnx": _version("onnx"), "onnxruntime": _version("onnxruntime")},
         "stages": entries,
     }
+    if enhancing:
+        manifest["enhancer_weights"] = {"identity": enhancer_weights.identity(),
+                                        "description": enhancer_weights.describe(),
+                                        "synthetic": enhancer_weights.synthetic}
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
     failures = [f for r in reports for f in r.failures]
     if failures:
