@@ -102,8 +102,9 @@ INTEGER_TOLERANCE = Tolerance("max_abs", 0.0, "integer outputs: exact", "conform
 FLOAT_TOLERANCE = Tolerance("max_rel", RTOL, "max|ours - ref| <= 1e-4 * max(1, max|ref|)", "conformance")
 
 
-def compare_output(name: str, ours: np.ndarray, ref: np.ndarray) -> OutputResult:
-    """One output judged by sadtalker_rt.parity with the conformance tolerance for its kind."""
+def compare_output(name: str, ours: np.ndarray, ref: np.ndarray, ties: np.ndarray | None = None) -> OutputResult:
+    """One output judged by sadtalker_rt.parity with the conformance tolerance for its kind. ``ties`` marks
+    elements of an integer output whose deciding values tie within tolerance (an argmax): they may differ."""
     ours = np.asarray(ours)
     if ours.shape != ref.shape:
         return OutputResult(name, float("inf"), float("inf"), False)
@@ -121,6 +122,9 @@ def compare_output(name: str, ours: np.ndarray, ref: np.ndarray) -> OutputResult
         diff = np.abs(ours.astype(np.float64) - ref.astype(np.float64))
         near = (np.abs(ref - MASK_THRESHOLD) < 2 * bound) | (np.abs(ours - MASK_THRESHOLD) < 2 * bound)
         ignore = (diff > bound) & near & ((ref == 0) | (ours == 0))
+        flips = int(ignore.sum())
+    elif ties is not None and tolerance is INTEGER_TOLERANCE:
+        ignore = (ours != ref) & np.asarray(ties, bool)
         flips = int(ignore.sum())
     verdict = judge(name, ours, ref, tolerance, ignore)
     return OutputResult(name, verdict.max_abs, verdict.max_rel, verdict.passed, flips)
