@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -51,8 +52,12 @@ def main() -> None:
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--assets", type=Path, default=ROOT.parent / "shared" / "assets")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--fp32-groups", default="", help="comma-separated conv groups kept FP32 (int8.conv_group)")
-    parser.add_argument("--variants", default="ort_fp32,int8_all,int8_islands,bf16_probe")
+    parser.add_argument("--islands", action="append", default=[], metavar="NAME=GROUP+GROUP",
+                        help="an INT8 variant that keeps these conv groups (int8.conv_group) FP32; repeatable")
+    parser.add_argument("--variants", default="ort_fp32,int8_all,bf16_probe")
+    parser.add_argument("--calibration-frames", default="9,2")
+    parser.add_argument("--time", default="official,torch_fp32_cached_source,ort_fp32,int8_all",
+                        help="the runs timed against each other")
     parser.add_argument("--cases", type=int, default=0, help="limit the number of parity cases (0: all)")
     args = parser.parse_args()
     variants = args.variants.split(",")
@@ -86,15 +91,15 @@ def main() -> None:
     photos = sorted(p for p in args.assets.iterdir() if p.suffix in (".png", ".jpg"))
     speeches = sorted(p for p in args.assets.iterdir() if p.suffix == ".wav")
     cases = cv.renderer_cases(head, photos, speeches)
-    if args.cases:
-        cases = cases[: args.cases]
+    if args.cases:              # spread over the photos and speech files
+        cases = [cases[round(i * (len(cases) - 1) / max(args.cases - 1, 1))] for i in range(args.cases)]
     bundled = ROOT / "sadtalker_rt" / "assets"
-    calibration = [c.feeds for c in cv.renderer_cases(head, [bundled / "astronaut.jpg"], [bundled / "speech.wav"],
-                                                      frame=9)]
-    calibration += [c.feeds for c in cv.renderer_cases(head, [bundled / "astronaut.jpg"], [bundled / "speech.wav"],
-                                                       frame=2)]
+    frames = [int(f) for f in args.calibration_frames.split(",")]
+    calibration = [c.feeds for f in frames
+                   for c in cv.renderer_cases(head, [bundled / "astronaut.jpg"], [bundled / "speech.wav"], frame=f)]
     report["cases"] = [c.name for c in cases]
-    report["calibration"] = "bundled astronaut.jpg with speech.wav, frames 2 and 9 (not among the parity cases)"
+    report["calibration"] = (f"bundled astronaut.jpg with speech.wav, frames {args.calibration_frames} "
+                             "(not among the parity cases)")
     print(f"{len(cases)} cases, {len(calibration)} calibration inputs", flush=True)
 
     def torch_render(feeds):
@@ -116,12 +121,16 @@ def main() -> None:
     if "ort_fp32" in variants:
         sessions["ort_fp32"] = (ort.InferenceSession(str(fp32_path), options, providers=["CPUExecutionProvider"]), {})
     all_convs = int8.conv_nodes(onnx.load(str(fp32_path)))
-    groups = [g for g in args.fp32_groups.split(",") if g]
-    for name, kept in (("int8_all", []), ("int8_islands", groups)):
-        if name not in variants or (name == "int8_islands" and not groups):
-            continue
+    configs = [("int8_all", [])] if "int8_all" in variants else []
+    configs += [(f"int8_{spec.split('=')[0]}", spec.split("=", 1)[1]) for spec in args.islands]
+    for name, kept in configs:
         path = args.work / f"renderer-{name}.onnx"
-        islands = [n for n in all_convs if int8.conv_group(n) in kept]
+        if isinstance(kept, str) and kept.startswith("~"):     # quantize only the convs matching this regex
+            islands = [n for n in all_convs if not re.search(kept[1:], n)]
+            kept = [f"every conv not matching {kept[1:]}"]
+        else:
+            kept = kept.split("+") if isinstance(kept, str) else kept
+            islands = [n for n in all_convs if int8.conv_group(n) in kept]
         info = int8.quantize_renderer(fp32_path, path, calibration, islands)
         info["fp32_groups"] = kept
         sessions[name] = (ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]), info)
@@ -134,6 +143,9 @@ def main() -> None:
                                     "verdict": verdict.as_dict()}
         print(name, json.dumps(verdict.worst), "PASS" if verdict.passed else "FAIL", flush=True)
 
+    if args.rounds == 0:
+        args.json.write_text(json.dumps(report, indent=2))
+        return
     # Speed: the official loop (whole generator, source re-encoded) against each variant, batch 1, interleaved.
     case = cases[0]
     image = torch.from_numpy(np.ascontiguousarray(_source_image(head, photos[0])))
@@ -146,6 +158,7 @@ def main() -> None:
     runs = {"official": official, "torch_fp32_cached_source": lambda: torch_render(case.feeds)}
     for name, (session, _) in sessions.items():
         runs[name] = (lambda s: lambda: s.run(["frames"], case.feeds))(session)
+    runs = {name: run for name, run in runs.items() if name in args.time.split(",")}
     for run in runs.values():
         run()
     report["renderer_timing"] = cv.interleaved(runs, args.rounds, "official")
@@ -156,6 +169,45 @@ def main() -> None:
     report["wall_s"] = round(time.perf_counter() - started, 1)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2))
+    args.json.with_suffix(".md").write_text(markdown(report))
+
+
+def markdown(report: dict) -> str:
+    """The JSON report as tables: parity per variant against the gates, then the interleaved renderer timing."""
+    lines = ["# Reduced-precision CPU renderer variants (256, 2 threads)", "",
+             f"Command: `{report['command']}`", "",
+             f"Weights: {report['weights']}; torch {report['torch']}, onnxruntime {report['onnxruntime']}. "
+             f"Load average (1, 5, 15 min) at the start {report['load_average_start']}, at the end "
+             f"{report.get('load_average_end')}. Calibration: {report.get('calibration', '-')}.", "",
+             "Gates on every case (photo + speech of the shared assets) against the FP32 torch renderer: frame PSNR "
+             f">= {cv.FRAME_PSNR_DB:g} dB, mouth PSNR >= {cv.MOUTH_PSNR_DB:g} dB, keypoints <= {cv.KP_MAX_ABS:g}, "
+             f"head pose <= {cv.HEAD_POSE_DEG:g} deg.", "",
+             "| variant | FP32 convs kept | worst frame PSNR dB | worst mouth PSNR dB | verdict |", "|---|---|---:|---:|---|"]
+    for name, row in report["variants"].items():
+        worst, verdict = row["verdict"]["worst"], row["verdict"]
+        kept = row["quantization"].get("fp32_groups", "-") if row["quantization"] else "-"
+        convs = row["quantization"].get("fp32_convs") if row["quantization"] else None
+        kept = (f"{len(convs)} of {row['quantization']['convs']}: " if convs is not None else "") + (
+            ", ".join(kept) if isinstance(kept, list) and kept else "-")
+        lines.append(f"| {name} | {kept} | "
+                     f"{worst.get('frame_psnr_db', float('nan')):.1f} | {worst.get('mouth_psnr_db', float('nan')):.1f} | "
+                     f"{'pass' if verdict['passed'] else 'FAIL: ' + '; '.join(verdict['failures'][:3])} |")
+    timing = report.get("renderer_timing")
+    if timing:
+        lines += ["", f"Renderer speed, {timing['what']}; {timing['rounds']} interleaved rounds; speed-up = official "
+                      "time / variant time within each round: median (min-max). Load average per round: "
+                      f"{timing['load_average_per_round']}.", "",
+                  "| run | median s/frame | speed-up vs official | min | max |", "|---|---:|---:|---:|---:|"]
+        for name, row in timing["runs"].items():
+            lines.append(f"| {name} | {row['median_s']:.2f} | {row['speedup_median']:.2f}x | {row['speedup_min']:.2f}x "
+                         f"| {row['speedup_max']:.2f}x |")
+    probe = report.get("bf16_probe")
+    if probe:
+        runs = probe["timing"]["runs"]
+        lines += ["", f"BF16 probe (one 64-channel 3x3 conv at 64x64, torch autocast; CPU capability "
+                      f"{probe['cpu_capability']}): FP32 {runs['fp32']['median_s'] * 1e3:.0f} ms, BF16 "
+                      f"{runs['bf16_autocast']['median_s'] * 1e3:.0f} ms ({runs['bf16_autocast']['speedup_median']:.3f}x)."]
+    return "\n".join(lines) + "\n"
 
 
 def _source_image(head, photo: Path) -> np.ndarray:

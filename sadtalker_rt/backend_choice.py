@@ -17,6 +17,11 @@ from .stages import RENDER_SIZES
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 PRECISIONS = ("fp32", "fp16")
 DEFAULT_SIZE = RENDER_SIZES[0]
+# The CPU default is the fastest path that passed the reduced-precision gates (``cpu_variants.gate``); none has
+# yet (benchmarks/results/cpu-reduced-precision.md), so CPUs render in float32, the exact path.
+CPU_DEFAULT_PRECISION = "fp32"
+CPU_PATH_REASON = ("no reduced-precision CPU path passes the parity gates yet "
+                   "(benchmarks/results/cpu-reduced-precision.md)")
 
 
 def weight_source(checkpoints: Optional[Path], synthetic_weights: Optional[int], size: int, old_version: bool = False):
@@ -70,6 +75,19 @@ class BackendChoice:
     def __post_init__(self) -> None:
         self.notes_for_user: list[str] = []
 
+    def cpu_path(self, precision: str) -> str:
+        """The line ``run`` prints on a CPU: which path renders, and why that one."""
+        line = f"rendering on cpu with {self.backend} in {precision}"
+        if self.precision is None and precision != CPU_DEFAULT_PRECISION:
+            return f"{line} (as the graphs in {self.graphs} were made)."
+        if self.precision is None:
+            return f"{line} (the default: {CPU_PATH_REASON})."
+        return f"{line} (--precision {self.precision})."
+
+    def _say_cpu_path(self, device: str, precision: str) -> None:
+        if device == "cpu":
+            self.notes_for_user.append(self.cpu_path(precision))
+
     @staticmethod
     def _refuse(value, option: str, where: str) -> None:
         if value is not None:
@@ -78,7 +96,7 @@ class BackendChoice:
     def open(self, talking_head, checkpoints, synthetic_seed, size, old_version, progress=None):
         """A ``TalkingHead`` (the class is passed in) on this backend, making cached artifacts when needed."""
         device = self.device or ("cuda" if self.backend == "tensorrt" else "cpu")
-        precision = self.precision or "fp32"
+        precision = self.precision or (CPU_DEFAULT_PRECISION if device == "cpu" else "fp32")
         folder = self.graphs if self.backend == "onnxruntime" else self.engines
         if self.backend == "torch" or folder is None:
             weights = weight_source(checkpoints, synthetic_seed, size or DEFAULT_SIZE, old_version)
@@ -87,6 +105,7 @@ class BackendChoice:
             if self.backend == "torch":
                 head = talking_head.from_weights(weights, size=size or DEFAULT_SIZE, device=device,
                                                  precision=precision, cuda_graphs=self.cuda_graphs)
+                self._say_cpu_path(device, precision)
                 head.backend.notes[:0] = self.notes_for_user
                 return head
             folder = self._cached_artifacts(weights, size or DEFAULT_SIZE, precision, progress)
@@ -99,6 +118,7 @@ class BackendChoice:
             raise UsageError(f"--precision {self.precision} does not match {folder} ({recorded}).")
         if size is not None and size != head.size:
             raise UsageError(f"--size {size} does not match {folder} (size {head.size}).")
+        self._say_cpu_path(device, recorded or precision)
         head.backend.notes[:0] = self.notes_for_user
         return head
 

@@ -105,3 +105,23 @@ def test_cached_engines_that_failed_parity_are_refused(cache_dir, monkeypatch, t
         cache.engines_for(tmp_path / "graphs-key")
     records["stages"]["renderer"]["parity_passed"] = True
     assert cache.engines_for(tmp_path / "graphs-key") == cache_dir / "engines" / "graphs-key"
+
+
+@pytest.mark.parametrize("precision, expected", [(None, "the default: no reduced-precision CPU path passes"),
+                                                 ("fp32", "(--precision fp32)")])
+def test_run_on_cpu_says_which_path_renders(precision, expected):
+    from sadtalker_rt.backend_choice import CPU_DEFAULT_PRECISION
+
+    class Head:
+        @classmethod
+        def from_weights(cls, weights, size, device, precision, cuda_graphs):
+            head = cls()
+            head.backend = type("Backend", (), {"notes": [], "precision": precision})()
+            return head
+
+    choice = BackendChoice("torch", None, precision)
+    choice.check()
+    head = choice.open(Head, None, 0, 256, False)
+    cpu_line = [n for n in head.backend.notes if n.startswith("rendering on cpu")]
+    assert len(cpu_line) == 1 and expected in cpu_line[0]
+    assert head.backend.precision == (precision or CPU_DEFAULT_PRECISION) == "fp32"
