@@ -52,6 +52,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--assets", type=Path, default=ROOT.parent / "shared" / "assets")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--checkpoints", type=Path, help="official weights (default: synthetic, seed 0)")
     parser.add_argument("--islands", action="append", default=[], metavar="NAME=GROUP+GROUP",
                         help="an INT8 variant that keeps these conv groups (int8.conv_group) FP32; repeatable")
     parser.add_argument("--variants", default="ort_fp32,int8_all,bf16_probe")
@@ -83,7 +84,8 @@ def main() -> None:
         report["bf16_probe"] = bf16_probe(args.rounds)
         print("bf16 probe", json.dumps(report["bf16_probe"]["timing"]["runs"]), flush=True)
 
-    weights = WeightSource(None, 0, size=256)
+    weights = WeightSource(args.checkpoints, None if args.checkpoints else 0, size=256)
+    report["weights"] = report["weights"] if weights.synthetic else weights.describe()
     head = TalkingHead.from_weights(weights, size=256)
     renderer = head.backend.runner("renderer").module
     generator = renderer.renderer.generator
