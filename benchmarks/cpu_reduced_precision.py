@@ -22,7 +22,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sadtalker_rt import cpu_variants as cv  # noqa: E402
+from sadtalker_rt.bench import cpu_variants as cv  # noqa: E402
 from sadtalker_rt.stages import STAGES  # noqa: E402
 
 

@@ -17,7 +17,7 @@ from .stages import RENDER_SIZES
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 PRECISIONS = ("fp32", "fp16")
 DEFAULT_SIZE = RENDER_SIZES[0]
-# The CPU default is the fastest path that passed the reduced-precision gates (``cpu_variants.gate``); none has
+# The CPU default is the fastest path that passed the reduced-precision gates (``bench.cpu_variants.gate``); none has
 # yet (benchmarks/results/cpu-reduced-precision.md), so CPUs render in float32, the exact path.
 CPU_DEFAULT_PRECISION = "fp32"
 CPU_PATH_REASON = ("no reduced-precision CPU path passes the parity gates yet "

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from sadtalker_rt import cpu_variants as cv
+from sadtalker_rt.bench import cpu_variants as cv
 from sadtalker_rt.build.export import int8
 
 
