@@ -20,8 +20,8 @@ DEFAULT_SIZE = RENDER_SIZES[0]
 # The CPU default is the fastest path that passed the reduced-precision gates (``bench.cpu_variants.gate``); none has
 # yet (benchmarks/results/cpu-reduced-precision.md), so CPUs render in float32, the exact path.
 CPU_DEFAULT_PRECISION = "fp32"
-CPU_PATH_REASON = ("no reduced-precision CPU path passes the parity gates yet "
-                   "(benchmarks/results/cpu-reduced-precision.md)")
+CPU_PATH_REASON = ("no reduced-precision CPU path passes the parity gates yet; see "
+                   "benchmarks/results/cpu-reduced-precision.md")
 
 
 def weight_source(checkpoints: Optional[Path], synthetic_weights: Optional[int], size: int, old_version: bool = False):
@@ -81,7 +81,7 @@ class BackendChoice:
         if self.precision is None and precision != CPU_DEFAULT_PRECISION:
             return f"{line} (as the graphs in {self.graphs} were made)."
         if self.precision is None:
-            return f"{line} (the default: {CPU_PATH_REASON})."
+            return f"{line}, the default: {CPU_PATH_REASON}."
         return f"{line} (--precision {self.precision})."
 
     def _say_cpu_path(self, device: str, precision: str) -> None:
