@@ -1,6 +1,6 @@
 """Reduced-precision CPU variants of the 256 renderer: speed (interleaved with the official loop) and the gates.
 
-    PYTHONPATH=. python benchmarks/cpu_reduced_precision.py --work /tmp/cpu-variants \
+    PYTHONPATH=. python benchmarks/cpu_reduced_precision.py --work $WORK \
         --json benchmarks/results/cpu-reduced-precision.json
 
 Variants: onnxruntime FP32; onnxruntime INT8 (QDQ, per-channel weights, calibrated on the bundled photo and
