@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -74,7 +75,7 @@ def main() -> None:
 
     torch.set_num_threads(2)
     args.work.mkdir(parents=True, exist_ok=True)
-    report = {"command": " ".join(["python", "benchmarks/cpu_reduced_precision.py"] + sys.argv[1:]),
+    report = {"command": shlex.join(["python", "benchmarks/cpu_reduced_precision.py"] + sys.argv[1:]),
               "weights": "synthetic (seed 0): deterministic random weights with the official shapes",
               "torch": torch.__version__, "onnxruntime": ort.__version__, "threads": 2,
               "load_average_start": cv.load_average(), "variants": {}}
