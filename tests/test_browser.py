@@ -18,14 +18,20 @@ pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER),
                                 reason="chromium and chromedriver are absent (apt-get install chromium chromium-driver)")
 
 
-@pytest.fixture(scope="module")
-def server():
+@pytest.fixture(scope="module", params=["stand-in renderer", pytest.param("real renderer", marks=pytest.mark.heavy)])
+def server(request):
+    """The page against the real server; by default every stage is real but the renderer (seconds per frame on
+    a CPU), which a cheap deterministic stand-in replaces; the heavy variant renders for real."""
     from sadtalker_rt.models.checkpoints import WeightSource
     from sadtalker_rt.runtime.pipeline import TalkingHead
     from sadtalker_rt.serving.limits import ServeConfig
     from sadtalker_rt.serving.server import make_server
 
     head = TalkingHead.from_weights(WeightSource(synthetic_seed=0), size=256)
+    if request.param == "stand-in renderer":
+        from test_streaming import CheapRendererBackend
+
+        head = TalkingHead(CheapRendererBackend(head.backend), head.size)
     uvicorn = make_server(head, "127.0.0.1", 0, ServeConfig(batch_size=1))
     thread = threading.Thread(target=uvicorn.run)
     thread.start()

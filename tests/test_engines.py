@@ -921,7 +921,7 @@ def test_grid_sample_auto_follows_the_installed_tensorrt(monkeypatch, installed,
 
 
 def test_bench_exports_what_the_installed_tensorrt_builds(monkeypatch, tmp_path):
-    from sadtalker_rt import bench
+    from sadtalker_rt.bench import backends as bench_backends
     from sadtalker_rt.build.export import onnx_export
 
     calls = []
@@ -930,7 +930,7 @@ def test_bench_exports_what_the_installed_tensorrt_builds(monkeypatch, tmp_path)
     weights = SimpleNamespace(identity=lambda: "synthetic:0")
     ctx = SimpleNamespace(config=SimpleNamespace(weights=weights, size=SIZE, engines_dir=None), work_dir=tmp_path,
                           export_source=None, progress=lambda *a: None)
-    bench._graphs(ctx, "fp32")
+    bench_backends._graphs(ctx, "fp32")
     assert calls and calls[0]["grid_sample"] == "decomposed"
 
 

@@ -101,8 +101,11 @@ def load_image(path: PathLike) -> np.ndarray:
                 return _to_rgb_array(path, image)
     except Image.DecompressionBombError:
         raise InputError(f"Image file '{path}' is larger than the {MAX_IMAGE_PIXELS // 1_000_000}-megapixel limit.") from None
-    except UnidentifiedImageError:
+    except UnidentifiedImageError:      # not an image format Pillow knows: perhaps a video
         pass
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
+        # Pillow reports truncated and damaged data as OSError, SyntaxError or ValueError.
+        raise InputError(f"Image file '{path}' is truncated or corrupt ({_one_line(err)}).") from None
     return _video_as_photo(path)
 
 

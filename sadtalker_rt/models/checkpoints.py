@@ -40,6 +40,9 @@ SUBNETWORKS: dict[str, SubNetwork] = {
     "parsenet": SubNetwork("sadtalker_rt.models.parsenet", "", "parsing_parsenet.pth", ""),
 }
 
+# What WeightSource reads from the checkpoints folder; the enhancer's files are found by EnhancerWeights.
+CHECKPOINT_SUBNETWORKS = tuple(name for name in SUBNETWORKS if name not in ("gfpgan", "parsenet"))
+
 # Sub-network configuration that is not in the weights' shapes.
 SUBNETWORK_CONFIG: dict[str, dict] = {"mapping": {"coeff_nc": 70}, "mapping_full": {"coeff_nc": 73}}
 
@@ -245,7 +248,7 @@ class WeightSource:
     def _files(self) -> list[str]:
         names = {SUBNETWORKS["mapping"].legacy_file, SUBNETWORKS["mapping_full"].legacy_file}
         if self.old_version:
-            names |= {s.legacy_file for s in SUBNETWORKS.values()}
+            names |= {SUBNETWORKS[n].legacy_file for n in CHECKPOINT_SUBNETWORKS}
         else:
             names.add(safetensors_name(self.size))
         return sorted(n for n in names if (self.checkpoints / n).exists())
