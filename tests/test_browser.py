@@ -29,7 +29,7 @@ def server(request):
 
     head = TalkingHead.from_weights(WeightSource(synthetic_seed=0), size=256)
     if request.param == "stand-in renderer":
-        from test_streaming import CheapRendererBackend
+        from conftest import CheapRendererBackend
 
         head = TalkingHead(CheapRendererBackend(head.backend), head.size)
     uvicorn = make_server(head, "127.0.0.1", 0, ServeConfig(batch_size=1))

@@ -6,38 +6,13 @@ import asyncio
 import numpy as np
 import pytest
 
+from conftest import CheapRendererBackend
 from sadtalker_rt import media
 from sadtalker_rt.models.checkpoints import WeightSource
-from sadtalker_rt.runtime.backends import SerialBackend
 from sadtalker_rt.runtime.pipeline import Options, TalkingHead
 from sadtalker_rt.runtime.streaming import FrameStream
 
 CHUNK_MS = (1, 20, 333, None)          # None: the whole audio as one chunk
-
-
-class CheapRenderer:
-    """A deterministic function of the driving keypoints in the renderer's place (seconds per frame on CPU
-    otherwise): every bit of every keypoint reaches the pixels, so any difference in what the renderer is fed
-    shows in the frames."""
-
-    def __init__(self, size: int):
-        yy, xx = np.mgrid[0:size, 0:size]
-        self.pick = (np.arange(3)[:, None, None] * 7 + yy[None] * 3 + xx[None]) % 45
-        self.ramp = xx[None].astype(np.float32) / size
-
-    def infer(self, feeds: dict) -> dict:
-        kp = feeds["kp_driving"].reshape(len(feeds["kp_driving"]), -1)
-        return {"frames": (0.5 + 0.5 * np.sin(kp[:, self.pick] * 40 + self.ramp)).astype(np.float32)}
-
-
-class CheapRendererBackend(SerialBackend):
-    """The real backend for every stage but the renderer."""
-
-    def __init__(self, backend):
-        self.inner, self.size, self.cheap = backend, backend.size, CheapRenderer(backend.size)
-
-    def runner(self, stage: str):
-        return self.cheap if stage == "renderer" else self.inner.runner(stage)
 
 
 def chunked(wav: np.ndarray, ms):
