@@ -18,6 +18,7 @@ pytest.importorskip("starlette", reason="the 'serve' extra is not installed")
 httpx = pytest.importorskip("httpx")
 from websockets.sync.client import connect  # noqa: E402
 
+from conftest import CheapRendererBackend  # noqa: E402
 from sadtalker_rt import media  # noqa: E402
 from sadtalker_rt.models.checkpoints import WeightSource  # noqa: E402
 from sadtalker_rt.runtime.pipeline import Options, TalkingHead  # noqa: E402
@@ -29,9 +30,11 @@ TOKEN = "test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
-@pytest.fixture(scope="module")
-def head() -> TalkingHead:
-    return TalkingHead.from_weights(WeightSource(synthetic_seed=0), size=256)
+@pytest.fixture(scope="module", params=["stand-in renderer", pytest.param("real renderer", marks=pytest.mark.heavy)])
+def head(request) -> TalkingHead:
+    """Every stage real; by default the renderer (seconds per frame on a CPU) is the deterministic stand-in."""
+    real = TalkingHead.from_weights(WeightSource(synthetic_seed=0), size=256)
+    return real if request.param == "real renderer" else TalkingHead(CheapRendererBackend(real.backend), real.size)
 
 
 class Running:
