@@ -21,6 +21,7 @@ import numpy as np
 
 from ..errors import InputError, UsageError
 from ..stages import (COEFFS, FPS, PREPROCESS_MODES, SAMPLE_RATE, SAMPLES_PER_FRAME, is_full, mapping_stage)
+from .frames import Frame, Motion, to_uint8
 
 Progress = Callable[[str, int, int], None]   # (stage, done, total)
 ImageLike = Union[str, Path, np.ndarray]
@@ -103,31 +104,6 @@ class Avatar:
             w, h = self.crop_info.tight_size
             return self.size, max(2, int(self.size * h / w))
         return self.size, self.size
-
-
-@dataclass
-class Frame:
-    index: int
-    timestamp: float                   # seconds from the start of the audio
-    image: np.ndarray                  # (H, W, 3) uint8 RGB
-
-
-@dataclass
-class Motion:
-    """Per-utterance motion coefficients, before rendering."""
-
-    coeffs: np.ndarray                 # (T, 70): expression 64, pose 6
-    wav: np.ndarray                    # 16 kHz mono float32, cut to T frames
-    windows: object                    # audio.MelWindows: (T, 80, 16) mel windows, sliced lazily
-    notes: list = field(default_factory=list)   # lines for the user about the reference videos
-
-    @property
-    def frames(self) -> int:
-        return self.coeffs.shape[0]
-
-    @property
-    def indiv_mels(self) -> np.ndarray:
-        return self.windows[:].astype(np.float32)
 
 
 def _noop(stage: str, done: int, total: int) -> None:
@@ -364,8 +340,3 @@ class TalkingHead:
 def _chw(image_hwc: np.ndarray) -> np.ndarray:
     """uint8 HWC RGB -> float32 (1, 3, H, W) in [0, 1], as the official skimage conversion gives."""
     return (image_hwc.astype(np.float32) / 255.0).transpose(2, 0, 1)[None].copy()
-
-
-def to_uint8(chw: np.ndarray) -> np.ndarray:
-    """float (3, H, W) in [0, 1] -> uint8 HWC, rounding as skimage's img_as_ubyte."""
-    return np.rint(np.clip(chw.transpose(1, 2, 0), 0.0, 1.0) * 255.0).astype(np.uint8)

@@ -27,9 +27,10 @@ from typing import AsyncIterator, Callable, ContextManager, Iterable, Iterator, 
 import numpy as np
 
 from ..errors import InputError, UsageError
-from ..stages import POSE_CHUNK, SAMPLES_PER_FRAME, SEMANTIC_RADIUS, PoseChunk, is_full, pose_chunks
+from ..stages import FPS, POSE_CHUNK, SAMPLES_PER_FRAME, SEMANTIC_RADIUS, PoseChunk, is_full, pose_chunks
 from . import audio_features as af
 from .coeffs import SMOOTH_WINDOW, BlinkTrack, blink_generator, pose_latent, smooth_pose_rows, target_rows
+from .frames import Frame, Motion, to_uint8
 
 EXP_GROUP = POSE_CHUNK            # frames per ExpNet call, aligned at multiples of 32
 BLINK_LOOKAHEAD = 6               # a blink of 5 frames must end before the last frame
@@ -273,7 +274,6 @@ class MotionStream:
 
     def result(self):
         """The offline ``Motion`` of the whole utterance (after ``finish``)."""
-        from .pipeline import Motion
 
         T = self.total
         return Motion(self.coeffs.view()[:T], self.wav.view()[:T * SAMPLES_PER_FRAME],
@@ -320,7 +320,6 @@ class FrameStream:
         return self._frames()
 
     def _frames(self) -> Iterator:
-        from .pipeline import FPS, Frame, to_uint8
 
         bs, motion = self.options.batch_size, self.motion
         while True:
