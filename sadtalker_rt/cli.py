@@ -231,21 +231,15 @@ def build(
                f"(TensorRT {result.record['trt_version']}, {result.record['gpu_name']})")
     if result.parity_failures:
         from .build.export.onnx_export import ExportValidationError
-        from .parity import format_table
+        from .parity import Verdict, format_table
 
         for name, command in result.parity_failures.items():
             rows = result.record["stages"][name].get("parity", [])
             typer.echo(f"{name}: the engine does not match its ONNX graph in onnxruntime", err=True)
-            typer.echo(format_table([_comparison(r) for r in rows]), err=True)
+            typer.echo(format_table([Verdict.from_dict(r) for r in rows]), err=True)
             typer.echo(f"check it with Polygraphy:\n  {command}", err=True)
         raise ExportValidationError(f"parity failed for the {', '.join(result.parity_failures)} engine(s) in "
                                     f"{output} (recorded in engines.json; Polygraphy commands above).")
-
-
-def _comparison(row: dict):
-    from .parity import Comparison
-
-    return Comparison(**{**row, "shape": tuple(row["shape"])})
 
 
 def _source_image(image: Optional[Path], size: int):

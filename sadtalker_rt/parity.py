@@ -1,23 +1,24 @@
-"""Parity statistics between our outputs and a reference: the numbers every export, engine and benchmark reports.
+"""Parity between our outputs and a reference: the statistics every export, engine, benchmark and conformance
+case reports, and the one decision of pass or fail.
 
-``compare`` checks a whole set of named outputs at once: names (missing and extra outputs fail), shapes and
-values, and returns one ``Comparison`` per output so that every failure is reported, not just the first.
-An output passes when ``max|ours - ref| <= atol + rtol * max(1, max|ref|)``: the tolerance scales with the
-output's magnitude, not element by element, so values near zero do not inflate the error.
+``judge`` takes plain arrays (wherever they came from: onnxruntime, TensorRT, Polygraphy's comparator, a
+conformance case) and a ``Tolerance`` of the stage table (``sadtalker_rt.stages``), and returns a ``Verdict``:
+the statistics, the statistic the tolerance names, the bound, its reason and source, pass or fail, and why it
+failed. ``judge_outputs`` does the same for a whole set of named outputs at once: names (missing and extra
+outputs fail), shapes and values, one ``Verdict`` per output so that every failure is reported. Statistics
+measured elsewhere (Polygraphy's ``max_absdiff``) can stand in for the computed ones (``measured``).
 
-Image quality measures (``psnr``, ``ssim``, ``region_psnr``) treat the last two axes as the image plane
-(channels-first, as the renderer's ``frames`` (N, 3, H, W) output) with values in [0, peak].
-
-``judge`` / ``judge_outputs`` decide pass or fail for export validation, the bench and conformance alike: they
-take plain arrays (wherever they came from: onnxruntime, TensorRT, Polygraphy's comparator, a conformance
-case) and a ``Tolerance`` of the stage table (``sadtalker_rt.stages``), and return ``Verdict`` objects carrying
-the statistics, the threshold used and its source. ``check`` does the same for one scalar measure (a frame
-PSNR, a keypoint distance) against a ``Tolerance``. Only numpy is imported.
+``max_rel`` is ``max|ours - ref| / max(1, max|ref|)``: the scale is the output's magnitude, not element by
+element, so values near zero do not inflate the error. Image quality measures (``psnr``, ``ssim``,
+``region_psnr``) treat the last two axes as the image plane (channels-first, as the renderer's ``frames``
+(N, 3, H, W) output) with values in [0, peak]. ``check`` judges one scalar measure (a frame PSNR, a keypoint
+distance) against a ``Tolerance``. Only numpy is imported.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+from typing import Callable, Union
 
 import numpy as np
 
@@ -30,8 +31,9 @@ SSIM_K2 = 0.03
 
 
 @dataclass
-class Comparison:
-    """One output's verdict and the evidence for it. ``problem`` says why it failed ("" when it passed)."""
+class Verdict:
+    """One output judged against one ``Tolerance``: its statistics, the value compared, the bound and its source.
+    ``problem`` says why it failed ("" when it passed)."""
 
     name: str
     shape: tuple
@@ -39,10 +41,15 @@ class Comparison:
     mean_abs: float
     p99_abs: float
     max_rel: float            # max|ours - ref| / max(1, max|ref|)
+    mean_rel: float           # mean|ours - ref| / max(1, max|ref|)
     psnr_db: float | None     # image-like references only (float, values in [0, 1]); inf when equal
+    metric: str               # the statistic judged: max_rel, max_abs, psnr_db, face_psnr_db or agreement
+    value: float              # the statistic named by ``metric``
+    limit: float
+    op: str                   # "<=" or ">="
     passed: bool
-    atol: float
-    rtol: float
+    reason: str               # why this bound
+    source: str               # where the bound is declared
     problem: str = ""
 
     def __bool__(self) -> bool:
@@ -53,35 +60,12 @@ class Comparison:
         row["shape"] = list(self.shape)
         return row
 
-
-@dataclass
-class Verdict:
-    """One output judged against one ``Tolerance``: its statistics, the value compared, the bound and its source."""
-
-    name: str
-    shape: tuple
-    max_abs: float
-    mean_abs: float
-    p99_abs: float
-    max_rel: float            # max|ours - ref| / max(1, max|ref|)
-    mean_rel: float           # mean|ours - ref| / max(1, max|ref|)
-    psnr_db: float | None     # image-like references only
-    metric: str               # max_rel, max_abs or psnr_db
-    value: float              # the statistic named by ``metric``
-    limit: float
-    op: str                   # "<=" or ">="
-    passed: bool
-    reason: str               # why this bound
-    source: str               # where the bound is declared
-    problem: str = ""         # why it failed ("" when it passed)
-
-    def __bool__(self) -> bool:
-        return self.passed
-
-    def as_dict(self) -> dict:
-        row = asdict(self)
-        row["shape"] = list(self.shape)
-        return row
+    @classmethod
+    def from_dict(cls, row: dict) -> "Verdict":
+        """The verdict ``as_dict`` recorded (e.g. in engines.json)."""
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in row.items() if k in known}
+        return cls(**{**values, "shape": tuple(values["shape"])})
 
 
 @dataclass
@@ -112,39 +96,50 @@ def check(scope: str, value: float | None, tolerance: Tolerance) -> Check:
                  passes(value, tolerance.limit, tolerance.op), tolerance.source)
 
 
-def judge(name: str, ours, ref, tolerance: Tolerance, ignore: np.ndarray | None = None) -> Verdict:
+def judge(name: str, ours, ref, tolerance: Tolerance, ignore: np.ndarray | None = None,
+          measured: dict | None = None) -> Verdict:
     """``ours`` against ``ref`` by ``tolerance``. ``ignore``: a boolean mask of elements not counted (e.g. values
-    within rounding of a threshold that may land on either side of it). Non-finite differences fail."""
+    within rounding of a threshold that may land on either side of it). ``measured``: ``max_abs`` and
+    ``mean_abs`` computed elsewhere (None entries are computed here). Non-finite differences fail."""
     ours, ref = np.asarray(ours), np.asarray(ref)
     if ours.shape != ref.shape:
         return _failed_verdict(name, ref.shape, tolerance, f"shape {ours.shape} != reference {ref.shape}")
-    stats = _statistics(ours, ref, ignore)
-    value = stats[tolerance.metric] if tolerance.metric in stats else None
+    stats = _statistics(ours, ref, ignore, measured)
+    if tolerance.metric in EXTRA_MEASURES:
+        stats[tolerance.metric] = EXTRA_MEASURES[tolerance.metric](ours, ref)
+    value = stats.get(tolerance.metric)
     if value is None:
         raise ValueError(f"{name}: tolerance metric {tolerance.metric} does not apply to this output")
-    passed = math.isfinite(stats["max_abs"]) and passes(value, tolerance.limit, tolerance.op)
+    finite = math.isfinite(stats["max_abs"])
+    passed = finite and passes(value, tolerance.limit, tolerance.op)
     problem = ""
-    if not math.isfinite(stats["max_abs"]):
+    if not finite:
         problem = "non-finite values where the reference has none (or other ones)"
     elif not passed:
-        problem = f"{tolerance.metric} {value:.3g} not {tolerance.op} {tolerance.limit:g}"
+        problem = _failure_reason(tolerance, value)
     return Verdict(name, tuple(ref.shape), stats["max_abs"], stats["mean_abs"], stats["p99_abs"], stats["max_rel"],
                    stats["mean_rel"], stats["psnr_db"], tolerance.metric, float(value), tolerance.limit, tolerance.op,
                    bool(passed), tolerance.reason, tolerance.source, problem)
 
 
-def judge_outputs(ours: dict, ref: dict, tolerance_of, ignore: dict | None = None) -> list[Verdict]:
-    """Every output of ``ref`` judged by ``tolerance_of(name)``; missing outputs and outputs only in ``ours`` fail."""
-    ignore = ignore or {}
+ToleranceOf = Union[Tolerance, Callable[[str], Tolerance]]
+
+
+def judge_outputs(ours: dict, ref: dict, tolerance_of: ToleranceOf, ignore: dict | None = None,
+                  measured: dict | None = None) -> list[Verdict]:
+    """Every output of ``ref`` judged by ``tolerance_of`` (one ``Tolerance`` for all, or name -> ``Tolerance``);
+    missing outputs and outputs only in ``ours`` fail. ``ignore`` and ``measured``: per output name."""
+    bound = (lambda _: tolerance_of) if isinstance(tolerance_of, Tolerance) else tolerance_of
+    ignore, measured = ignore or {}, measured or {}
     verdicts = []
     for name, expected in ref.items():
         if name not in ours:
-            verdicts.append(_failed_verdict(name, np.shape(expected), tolerance_of(name), "missing from our outputs"))
+            verdicts.append(_failed_verdict(name, np.shape(expected), bound(name), "missing from our outputs"))
         else:
-            verdicts.append(judge(name, ours[name], expected, tolerance_of(name), ignore.get(name)))
+            verdicts.append(judge(name, ours[name], expected, bound(name), ignore.get(name), measured.get(name)))
     for name in ours:
         if name not in ref:
-            verdicts.append(_failed_verdict(name, np.shape(ours[name]), tolerance_of(name), "not a reference output"))
+            verdicts.append(_failed_verdict(name, np.shape(ours[name]), bound(name), "not a reference output"))
     return verdicts
 
 
@@ -154,7 +149,19 @@ def _failed_verdict(name: str, shape: tuple, tolerance: Tolerance, problem: str)
                    tolerance.op, False, tolerance.reason, tolerance.source, problem)
 
 
-def _statistics(ours: np.ndarray, ref: np.ndarray, ignore: np.ndarray | None = None) -> dict:
+def _failure_reason(tolerance: Tolerance, value: float) -> str:
+    metric, limit = tolerance.metric, tolerance.limit
+    if metric == "max_rel":
+        return f"relative error {value:.2e} > {limit:.0e}"
+    if metric in ("psnr_db", "face_psnr_db"):
+        return f"PSNR {value:.1f} dB < {limit:.0f} dB ({tolerance.source})"
+    if metric == "agreement":
+        return f"{(1 - value):.2%} of classes differ (> {1 - limit:.2%})"
+    return f"{metric} {value:.3g} not {tolerance.op} {limit:g}"
+
+
+def _statistics(ours: np.ndarray, ref: np.ndarray, ignore: np.ndarray | None = None,
+                measured: dict | None = None) -> dict:
     a, b = ours.astype(np.float64), ref.astype(np.float64)
     same = (a == b) | (np.isnan(a) & np.isnan(b))      # equal infinities and shared NaNs are not errors
     with np.errstate(invalid="ignore"):
@@ -166,59 +173,33 @@ def _statistics(ours: np.ndarray, ref: np.ndarray, ignore: np.ndarray | None = N
     scale = max(1.0, float(np.abs(finite_ref).max()) if finite_ref.size else 1.0)
     max_abs = float(diff.max()) if diff.size else 0.0
     mean_abs = float(diff.mean()) if diff.size else 0.0
+    measured = {k: v for k, v in (measured or {}).items() if v is not None}
+    max_abs = _not_nan(float(measured.get("max_abs", max_abs)))
+    mean_abs = _not_nan(float(measured.get("mean_abs", mean_abs)))
     return {"max_abs": max_abs, "mean_abs": mean_abs,
             "p99_abs": float(np.percentile(diff, 99, method="higher")) if diff.size else 0.0,   # no inf - inf
             "max_rel": max_abs / scale, "mean_rel": mean_abs / scale,
             "psnr_db": psnr(a, b) if _image_like(ref) else None}
 
 
-def compare(ours: dict, ref: dict, atol: float = 0.0, rtol: float = 1e-4,
-            per_output_tolerances: dict[str, tuple[float, float]] | None = None) -> list[Comparison]:
-    """Compare every output of ``ref`` with ``ours``; outputs only in ``ours`` are failures too.
-
-    Args:
-        ours: name -> array produced by the graph under test.
-        ref: name -> reference array.
-        atol, rtol: default bound ``atol + rtol * max(1, max|ref|)`` on the largest absolute difference.
-        per_output_tolerances: name -> (atol, rtol) for outputs that need their own bound.
-    """
-    per_output_tolerances = per_output_tolerances or {}
-    results = []
-    for name, expected in ref.items():
-        tol_atol, tol_rtol = per_output_tolerances.get(name, (atol, rtol))
-        if name not in ours:
-            results.append(_failure(name, np.shape(expected), tol_atol, tol_rtol, "missing from our outputs"))
-            continue
-        results.append(_compare_one(name, np.asarray(ours[name]), np.asarray(expected), tol_atol, tol_rtol))
-    for name in ours:
-        if name not in ref:
-            tol_atol, tol_rtol = per_output_tolerances.get(name, (atol, rtol))
-            results.append(_failure(name, np.shape(ours[name]), tol_atol, tol_rtol, "not a reference output"))
-    return results
+def _not_nan(value: float) -> float:
+    return math.inf if math.isnan(value) else value
 
 
-def _failure(name: str, shape: tuple, atol: float, rtol: float, problem: str) -> Comparison:
-    inf = math.inf
-    return Comparison(name, tuple(shape), inf, inf, inf, inf, None, False, atol, rtol, problem)
+def face_psnr(ours, ref) -> float:
+    """PSNR of faces in [-1, 1] as users see them: clipped and mapped to [0, 1]."""
+    shown = [(np.clip(np.asarray(x, np.float64), -1, 1) + 1) / 2 for x in (ours, ref)]
+    return psnr(*shown)
 
 
-def _compare_one(name: str, ours: np.ndarray, ref: np.ndarray, atol: float, rtol: float) -> Comparison:
-    if ours.shape != ref.shape:
-        return _failure(name, ref.shape, atol, rtol, f"shape {ours.shape} != reference {ref.shape}")
-    stats = _statistics(ours, ref)
-    scale = max(1.0, float(np.abs(ref[np.isfinite(ref)]).max()) if np.isfinite(ref).any() else 1.0)
-    max_abs = stats["max_abs"]
-    bound = atol + rtol * scale
-    passed = max_abs <= bound
-    if passed:
-        problem = ""
-    elif not math.isfinite(max_abs):
-        problem = "non-finite values where the reference has none (or other ones)"
-    else:
-        problem = f"max |diff| {max_abs:.3e} > {bound:.3e} (atol {atol:g} + rtol {rtol:g} * {scale:.3g})"
-    return Comparison(name=name, shape=tuple(ref.shape), max_abs=max_abs, mean_abs=stats["mean_abs"],
-                      p99_abs=stats["p99_abs"], max_rel=stats["max_rel"], psnr_db=stats["psnr_db"],
-                      passed=passed, atol=atol, rtol=rtol, problem=problem)
+def agreement(ours, ref) -> float:
+    """The share of equal elements: class maps (argmax outputs), where near-ties may flip."""
+    ours, ref = np.asarray(ours), np.asarray(ref)
+    return float(np.mean(ours == ref)) if ref.size else 1.0
+
+
+# Statistics computed only when a tolerance names them.
+EXTRA_MEASURES = {"face_psnr_db": face_psnr, "agreement": agreement}
 
 
 def _image_like(ref: np.ndarray) -> bool:
@@ -286,58 +267,22 @@ def ssim(a: np.ndarray, b: np.ndarray, peak: float = 1.0) -> float:
     return float(np.mean(numerator / denominator))
 
 
-def format_table(comparisons: list[Comparison]) -> str:
+def format_table(verdicts: list[Verdict]) -> str:
     """One ✓/✗ line per output with its statistics, and the reason of each failure."""
-    if not comparisons:
+    if not verdicts:
         return "(no outputs)"
-    width = max(len(c.name) for c in comparisons)
-    return "\n".join(_format_line(c, width) for c in comparisons)
+    width = max(len(v.name) for v in verdicts)
+    return "\n".join(_format_line(v, width) for v in verdicts)
 
 
-def _format_line(c: Comparison, width: int) -> str:
-    mark = "✓" if c.passed else "✗"
-    head = f"{mark} {c.name:<{width}}  {str(tuple(c.shape)):<20}"
-    if not math.isfinite(c.max_abs) and c.problem:
-        return f"{head}  {c.problem}"
-    line = (f"{head}  max_abs {c.max_abs:.2e}  mean_abs {c.mean_abs:.2e}  p99_abs {c.p99_abs:.2e}"
-            f"  max_rel {c.max_rel:.2e}")
-    if c.psnr_db is not None:
-        line += f"  PSNR {c.psnr_db:.1f} dB"
-    line += f"  (atol {c.atol:g}, rtol {c.rtol:g})"
-    return line if c.passed else f"{line}  {c.problem}"
-
-
-def from_polygraphy(stats, ours: dict, ref: dict, atol: float = 0.0, rtol: float = 1e-4,
-                    per_output_tolerances: dict[str, tuple[float, float]] | None = None) -> list[Comparison]:
-    """Polygraphy's per-output results of one iteration (name -> ``OutputCompareResult``, from
-    ``Comparator.compare_accuracy``) as ``Comparison`` rows judged by this module's rule.
-
-    Polygraphy's ``max_absdiff`` and ``mean_absdiff`` are taken as they are; the bound
-    ``atol + rtol * max(1, max|ref|)``, the 99th percentile and PSNR are computed here from the arrays.
-    Outputs Polygraphy did not compare (missing, extra, other shape) fail as ``compare`` says why.
-    """
-    per_output_tolerances = per_output_tolerances or {}
-    results = []
-    for result in compare(ours, ref, atol, rtol, per_output_tolerances):
-        stat = stats.get(result.name) if hasattr(stats, "get") else None
-        if result.problem.startswith(("missing", "not a", "shape")) or not hasattr(stat, "max_absdiff"):
-            results.append(result)
-            continue
-        tol_atol, tol_rtol = per_output_tolerances.get(result.name, (atol, rtol))
-        expected = np.asarray(ref[result.name], dtype=np.float64)
-        finite_ref = expected[np.isfinite(expected)]
-        scale = max(1.0, float(np.abs(finite_ref).max()) if finite_ref.size else 1.0)
-        max_abs = float(stat.max_absdiff)
-        max_abs = math.inf if math.isnan(max_abs) else max_abs
-        bound = tol_atol + tol_rtol * scale
-        passed = max_abs <= bound
-        if passed:
-            problem = ""
-        elif not math.isfinite(max_abs):
-            problem = "non-finite values where the reference has none (or other ones)"
-        else:
-            problem = f"max |diff| {max_abs:.3e} > {bound:.3e} (atol {tol_atol:g} + rtol {tol_rtol:g} * {scale:.3g})"
-        mean_abs = float(stat.mean_absdiff) if stat.mean_absdiff is not None else result.mean_abs
-        results.append(Comparison(result.name, result.shape, max_abs, mean_abs, result.p99_abs, max_abs / scale,
-                                  result.psnr_db, passed, tol_atol, tol_rtol, problem))
-    return results
+def _format_line(v: Verdict, width: int) -> str:
+    mark = "✓" if v.passed else "✗"
+    head = f"{mark} {v.name:<{width}}  {str(tuple(v.shape)):<20}"
+    if not math.isfinite(v.max_abs) and v.problem:
+        return f"{head}  {v.problem}"
+    line = (f"{head}  max_abs {v.max_abs:.2e}  mean_abs {v.mean_abs:.2e}  p99_abs {v.p99_abs:.2e}"
+            f"  max_rel {v.max_rel:.2e}")
+    if v.psnr_db is not None:
+        line += f"  PSNR {v.psnr_db:.1f} dB"
+    line += f"  ({v.metric} {v.op} {v.limit:g})"
+    return line if v.passed else f"{line}  {v.problem}"

@@ -72,7 +72,7 @@ class Tolerance:
 
     @property
     def op(self) -> str:
-        return ">=" if self.metric in ("psnr_db", "ssim") else "<="
+        return ">=" if self.metric in ("psnr_db", "face_psnr_db", "ssim", "agreement") else "<="
 
 
 @dataclass(frozen=True)
@@ -89,14 +89,21 @@ class Stage:
 
     def tolerance(self, precision: str, output: str) -> Tolerance:
         """The bound ``output`` of this stage is judged by when computed in ``precision`` (fp32, tf32, fp16,
-        fp16-autocast). FP32 graphs follow the export contract; reduced precision gets the FP16 bounds."""
+        fp16-autocast). FP32 graphs follow the export contract; reduced precision gets the FP16 bounds. Class
+        maps are judged by the share of agreeing elements; faces in [-1, 1] in reduced precision by PSNR as users
+        see them (clipped, on [0, 1])."""
         source = f"stages.{self.name}.{precision}"
+        kind = next((t.kind for t in self.outputs if t.name == output), "")
+        if kind == "class":
+            reduced = precision in REDUCED_PRECISIONS
+            return Tolerance("agreement", MIN_CLASS_AGREEMENT["fp16" if reduced else "fp32"], "class maps: the share "
+                             "of agreeing elements; near-ties of the argmax may flip", source)
         if precision not in REDUCED_PRECISIONS:
             return Tolerance("max_rel", self.rtol_fp32, "FP32: max|diff| / max(1, max|ref|), the export contract "
                              "for FP32 graphs (rtol_fp32)", source)
-        if any(t.name == output and t.kind == "image" for t in self.outputs):   # PSNR: what a viewer sees
-            return Tolerance("psnr_db", FP16_MIN_PSNR_DB, "reduced precision, image output: PSNR against float32; "
-                             "40 dB is ~1 % RMS, invisible at a glance", source)
+        if kind in ("image", "face"):           # PSNR: what a viewer sees
+            return Tolerance("psnr_db" if kind == "image" else "face_psnr_db", FP16_MIN_PSNR_DB, "reduced precision, "
+                             "image output: PSNR against float32; 40 dB is ~1 % RMS, invisible at a glance", source)
         return Tolerance("max_rel", FP16_MAX_REL, "reduced precision, non-image output: FP16 keeps ~3 significant "
                          "digits and errors accumulate over ~100 layers", source)
 

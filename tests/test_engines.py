@@ -23,12 +23,12 @@ from sadtalker_rt.runtime import engine_plan as plan
 from sadtalker_rt.build import polygraphy_check
 from sadtalker_rt.build.tensorrt import PolygraphyEngineBuilder, polygraphy_loader, run_builds
 from sadtalker_rt.errors import SadTalkerError
-from sadtalker_rt.parity import from_polygraphy
+from sadtalker_rt.parity import judge_outputs
 from sadtalker_rt.runtime.engine_plan import (EngineKey, builder_settings, cache_key, check_engine, engine_action,
                                               profile_shapes)
 from sadtalker_rt.runtime.scheduler import FramePipeline, SerialExecutor
 from sadtalker_rt.errors import EnvironmentProblem, UsageError, WeightsError
-from sadtalker_rt.stages import BATCH, FRAMES, STAGES
+from sadtalker_rt.stages import BATCH, FRAMES, STAGES, Tolerance
 
 SIZE = 16                        # tiny render size: frames (B, 3, 16, 16), features (1, C, 16, 4, 4)
 INSTALL_HINT = "pip install 'sadtalker-rt[tensorrt]' on a machine with an NVIDIA GPU"
@@ -1069,7 +1069,7 @@ def test_engine_parity_through_polygraphy_runners(graphs, tmp_path):
     off = polygraphy_check.onnxruntime_runner(_perturbed(graphs["mapping"], tmp_path / "off.onnx", 1e-2))
     comparisons, passed = polygraphy_check.engine_parity("mapping", "fp32", graphs["mapping"], off, shapes)
     assert not passed and comparisons[0].max_abs == pytest.approx(1e-2, rel=1e-3)
-    assert "max |diff|" in comparisons[0].problem
+    assert comparisons[0].problem.startswith("relative error 1.00e-02 > 1e-04")
 
 
 def test_a_failing_engine_is_recorded_with_the_polygraphy_recipe(graphs, tmp_path):
@@ -1104,16 +1104,19 @@ def test_the_polygraphy_recipe_runs_with_polygraphys_own_command_line(graphs):
     assert "'tensorrt' is required" in text, "then the TensorRT runner asked for TensorRT (absent here)"
 
 
-def test_from_polygraphy_applies_the_scaled_bound_and_names_missing_outputs():
+def test_polygraphy_statistics_are_judged_by_the_scaled_bound_and_missing_outputs_named():
     ref = {"a": np.array([100.0, 0.0], np.float32), "b": np.ones(2, np.float32)}
     ours = {"a": ref["a"] + np.float32(5e-3), "c": np.ones(2, np.float32)}
-    stats = {"a": SimpleNamespace(max_absdiff=5e-3, mean_absdiff=5e-3)}
-    rows = {c.name: c for c in from_polygraphy(stats, ours, ref, atol=0.0, rtol=1e-4)}
-    assert rows["a"].passed and rows["a"].max_rel == pytest.approx(5e-5), "5e-3 <= 1e-4 * max|ref| = 1e-2"
+    bound = Tolerance("max_rel", 1e-4, "test bound")
+    stats = {"a": SimpleNamespace(max_absdiff=6e-3, mean_absdiff=5e-3)}
+    measured = polygraphy_check.polygraphy_statistics(stats)
+    rows = {c.name: c for c in judge_outputs(ours, ref, bound, measured=measured)}
+    assert rows["a"].passed and rows["a"].max_rel == pytest.approx(6e-5), "6e-3 <= 1e-4 * max|ref| = 1e-2"
     assert not rows["b"].passed and "missing" in rows["b"].problem
     assert not rows["c"].passed and "not a reference output" in rows["c"].problem
     stats["a"] = SimpleNamespace(max_absdiff=float("nan"), mean_absdiff=float("nan"))
-    assert "non-finite" in from_polygraphy(stats, ours, ref)[0].problem
+    measured = polygraphy_check.polygraphy_statistics(stats)
+    assert "non-finite" in judge_outputs(ours, ref, bound, measured=measured)[0].problem
 
 
 def test_export_validation_goes_through_polygraphy(graphs):

@@ -7,8 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from sadtalker_rt.build.export.onnx_export import EXPORT_ORDER, _judged_row
+from sadtalker_rt.build.export.onnx_export import EXPORT_ORDER
 from sadtalker_rt.errors import UsageError, WeightsError
+from sadtalker_rt.parity import face_psnr, judge
 from sadtalker_rt.runtime.enhancer import FIXED_NOISE_FILE, enhancer_on_graphs, load_fixed_noise
 from sadtalker_rt.runtime.manifest import sha256_of
 from sadtalker_rt.stages import ENHANCER_NOISE_SIDES, ENHANCER_STAGES, ORDER, STAGES
@@ -20,22 +21,27 @@ def test_enhancer_stages_are_exported_after_the_default_ones():
 
 
 def test_faces_are_judged_by_psnr_and_class_maps_by_agreement():
-    from types import SimpleNamespace
-
     rng = np.random.default_rng(0)
     face = rng.uniform(-1, 1, (1, 3, 512, 512)).astype(np.float32)
     near = face + rng.normal(0, 1e-3, face.shape).astype(np.float32)        # ~66 dB on [0, 1]
-    bound = SimpleNamespace(passed=False, max_rel=1.0, rtol=1e-4)
-    row, reason = _judged_row("face", near, face, "fp16", bound)
-    assert not reason and row["psnr_db"] > 60
-    row, reason = _judged_row("face", face + 0.05, face, "fp16", bound)
-    assert "PSNR" in reason and row["psnr_db"] < 40
-    assert "relative error" in _judged_row("face", near, face, "fp32", bound)[1]     # FP32: the relative bound
+
+    def image(ours, precision):
+        return judge("image", ours, face, STAGES["enhancer"].tolerance(precision, "image"))
+
+    verdict = image(near, "fp16")
+    assert verdict.passed and verdict.metric == "face_psnr_db" and verdict.value == face_psnr(near, face) > 60
+    verdict = image(face + 0.05, "fp16")
+    assert not verdict.passed and "PSNR" in verdict.problem and verdict.value < 40
+    assert "relative error" in image(near, "fp32").problem                   # FP32: the relative bound
     parse = rng.integers(0, 19, (1, 512, 512))
     flipped = parse.copy()
     flipped[0, :2, :100] = (flipped[0, :2, :100] + 1) % 19                 # 200 of 262144 pixels: 0.08 %
-    assert not _judged_row("class", flipped, parse, "fp16", bound)[1]
-    assert "classes differ" in _judged_row("class", flipped, parse, "fp32", bound)[1]
+
+    def classes(precision):
+        return judge("parse", flipped, parse, STAGES["face_parse"].tolerance(precision, "parse"))
+
+    assert classes("fp16").passed and classes("fp16").metric == "agreement"
+    assert "classes differ" in classes("fp32").problem
 
 
 def test_export_refuses_enhancer_stages_without_their_weights(tmp_path):

@@ -18,7 +18,8 @@ import warnings
 import numpy as np
 import pytest
 
-from sadtalker_rt.parity import compare, format_table, psnr, region_psnr, ssim
+from sadtalker_rt.parity import format_table, judge_outputs, psnr, region_psnr, ssim
+from sadtalker_rt.stages import Tolerance
 
 OUTPUTS = ["warped", "prob", "normed"]
 LOUD_SCALE = 3e5          # conv weights stay below float16's 65504, its outputs (~2.5e5) do not
@@ -130,6 +131,10 @@ def _types(model) -> dict[str, int]:
     return types
 
 
+def _within(rtol: float) -> Tolerance:
+    return Tolerance("max_rel", rtol, "test bound")
+
+
 def _nodes(model, op_type: str) -> list:
     return [node for node in model.graph.node if node.op_type == op_type]
 
@@ -143,12 +148,12 @@ def test_converted_graph_passes_checker_runs_and_matches_fp32(exported):
     onnx.checker.check_model(mixed, full_check=True)
     feeds = _feeds(3, batch=4)                      # another batch than calibration: the axis stays dynamic
     ref = _run_ort(model, feeds)
-    results = compare(_run_ort(mixed, feeds), ref, atol=0.0, rtol=1e-2)
+    results = judge_outputs(_run_ort(mixed, feeds), ref, _within(1e-2))
     print("\nonnxruntime CPU\n" + format_table(results))
     assert all(results), format_table(results)
     for label, run in (("onnx reference evaluator (float16 arithmetic)", _run_reference),
                        ("onnxruntime on emulate_fp16_storage", _run_emulated)):
-        faithful = compare(run(mixed, feeds), ref, atol=0.0, rtol=2e-2)
+        faithful = judge_outputs(run(mixed, feeds), ref, _within(2e-2))
         print(label + "\n" + format_table(faithful))
         assert all(faithful), format_table(faithful)
         assert min(r.psnr_db for r in faithful if r.psnr_db is not None) > 40.0
@@ -206,10 +211,10 @@ def test_large_activation_is_an_island_and_needed(exported):
     feeds = _feeds(4)
     ref = _run_ort(model, feeds)
     without = convert_to_mixed_precision(model, set(islands) - {"/conv/Conv"})
-    assert all(compare(_run_ort(without, feeds), ref, rtol=2e-2))     # onnxruntime CPU hides the overflow
+    assert all(judge_outputs(_run_ort(without, feeds), ref, _within(2e-2)))     # onnxruntime CPU hides the overflow
     broken = _run_emulated(without, feeds)
     assert not np.isfinite(broken["warped"]).all()                   # float16 overflow, then NaN after the norm
-    assert all(compare(_run_emulated(mixed, feeds), ref, rtol=2e-2))
+    assert all(judge_outputs(_run_emulated(mixed, feeds), ref, _within(2e-2)))
 
 
 def test_emulation_refuses_float16_graph_io(exported):
@@ -318,10 +323,10 @@ def test_modules_import_without_heavy_dependencies():
 
 # --- parity ------------------------------------------------------------------------------------------------
 
-def test_compare_collects_every_failure():
+def test_judge_outputs_collects_every_failure():
     ref = {"a": np.zeros((2, 3), np.float32), "b": np.ones(4, np.float32), "c": np.zeros(2, np.float32)}
     ours = {"a": np.zeros((3, 2), np.float32), "b": np.ones(4, np.float32) + 0.5, "extra": np.zeros(1)}
-    results = {r.name: r for r in compare(ours, ref, atol=0.0, rtol=1e-3)}
+    results = {r.name: r for r in judge_outputs(ours, ref, _within(1e-3))}
     assert set(results) == {"a", "b", "c", "extra"}
     assert not any(results.values())
     assert "shape" in results["a"].problem
@@ -332,23 +337,27 @@ def test_compare_collects_every_failure():
     assert table.count("✗") == 4 and "✓" not in table
 
 
-def test_compare_statistics_and_tolerances():
+def test_judge_outputs_statistics_and_tolerances():
     ref = {"x": np.linspace(-4, 4, 100, dtype=np.float32), "y": np.zeros(10, np.float32)}
     ours = {"x": ref["x"] + 1e-3, "y": np.full(10, 0.05, np.float32)}
-    results = {r.name: r for r in compare(ours, ref, rtol=1e-3, per_output_tolerances={"y": (0.1, 0.0)})}
+    per_output = {"x": _within(1e-3), "y": Tolerance("max_abs", 0.1, "test bound")}
+    results = {r.name: r for r in judge_outputs(ours, ref, per_output.get)}
     x = results["x"]
     assert x.max_rel == pytest.approx(1e-3 / 4, rel=1e-3)          # scaled by max(1, max|ref|) = 4
-    assert x.passed and x.atol == 0.0 and x.rtol == 1e-3
+    assert x.passed and x.metric == "max_rel" and x.limit == 1e-3 and x.value == x.max_rel
     assert x.p99_abs == pytest.approx(1e-3, rel=1e-3) and x.mean_abs == pytest.approx(1e-3, rel=1e-3)
     assert x.psnr_db is None                                        # not an image in [0, 1]
-    assert results["y"].passed and results["y"].atol == 0.1
+    assert results["y"].passed and results["y"].metric == "max_abs" and results["y"].limit == 0.1
     assert "✓ x" in format_table(list(results.values()))
+    ours["x"] = ref["x"] + 1e-2
+    (x,) = [r for r in judge_outputs(ours, ref, per_output.get) if r.name == "x"]
+    assert not x.passed and x.problem == "relative error 2.50e-03 > 1e-03"
 
 
-def test_compare_non_finite_and_image_psnr():
+def test_judge_outputs_non_finite_and_image_psnr():
     image = np.random.default_rng(0).random((1, 3, 16, 16)).astype(np.float32)
     noisy = np.where(np.arange(image.size).reshape(image.shape) == 5, np.nan, image)
-    results = compare({"frames": noisy, "same": image}, {"frames": image, "same": image})
+    results = judge_outputs({"frames": noisy, "same": image}, {"frames": image, "same": image}, _within(1e-4))
     assert not results[0].passed and "non-finite" in results[0].problem
     assert results[1].passed and results[1].psnr_db == math.inf and results[1].max_abs == 0.0
     json.dumps([r.as_dict() for r in results])

@@ -1,5 +1,5 @@
 """Output comparisons through Polygraphy: its runners (onnxruntime, TensorRT) and its per-output error
-statistics, with the toolkit's tolerances from the stage table; ``parity.from_polygraphy`` decides.
+statistics, with the toolkit's tolerances from the stage table; ``parity.judge`` decides.
 
 Also the command line a user can run to check an engine's graph with Polygraphy's own tool
 (``polygraphy run GRAPH --onnxrt --trt ...``). Build-time code: Polygraphy is imported lazily.
@@ -63,18 +63,18 @@ def with_reference(results, outputs: list[dict[str, np.ndarray]], name: str = RE
     return merged
 
 
-def compare_results(stage: Stage, precision: str, results, labels: list[str] | None = None) -> list[list]:
-    """Polygraphy's per-output statistics of the first runner in ``results`` against the second (the
-    reference), turned into the toolkit's ``Comparison`` rows, one list per iteration."""
+def compare_results(stage: Stage, precision: str, results) -> list[list]:
+    """The first runner in ``results`` against the second (the reference), one list of ``parity.Verdict`` per
+    iteration: Polygraphy's per-output error statistics, judged by the stage table's tolerances."""
     from polygraphy.comparator import Comparator
     from polygraphy.comparator.compare import SimpleCompareFunc
 
-    from ..parity import from_polygraphy
+    from ..parity import judge_outputs
 
     (ours_name, ours), (ref_name, refs) = list(results.items())[:2]
     rtol = tolerance_for(stage, precision)
     # Polygraphy's "max" statistic with the bound as its atol: its own verdict agrees with ours on
-    # outputs near magnitude 1; parity.from_polygraphy applies the scaled bound and decides.
+    # outputs near magnitude 1; parity.judge applies the scaled bound and decides.
     compare = SimpleCompareFunc(check_error_stat="max", atol=rtol, rtol=0.0, infinities_compare_equal=True)
     with _quiet():
         accuracy = Comparator.compare_accuracy(results, compare_func=compare)
@@ -82,26 +82,18 @@ def compare_results(stage: Stage, precision: str, results, labels: list[str] | N
     rows = []
     for i, (mine, ref) in enumerate(zip(ours, refs)):
         stats = per_iteration[i] if i < len(per_iteration) else {}
-        rows.append(from_polygraphy(stats, dict(mine.items()), dict(ref.items()), atol=0.0, rtol=rtol))
+        rows.append(judge_outputs(dict(mine.items()), dict(ref.items()), lambda name: stage.tolerance(precision, name),
+                                  measured=polygraphy_statistics(stats)))
     return rows
 
 
-def image_verdicts(stage: Stage, comparisons: list, precision: str) -> list[tuple[object, bool, str]]:
-    """(comparison, passed, why not) per output, by the stage table's tolerance (``Stage.tolerance``): FP16 image
-    outputs pass on PSNR, the rest on the bound."""
-    from ..parity import passes
-
-    verdicts = []
-    for c in comparisons:
-        tolerance = stage.tolerance(precision, c.name)
-        if tolerance.metric == "psnr_db" and not c.problem.startswith(("missing", "not a", "shape")):
-            passed = c.psnr_db is not None and passes(c.psnr_db, tolerance.limit, tolerance.op)
-            verdicts.append((c, passed, "" if passed else f"PSNR {c.psnr_db:.1f} dB < {tolerance.limit:.0f} dB "
-                                                          f"({tolerance.source})"))
-        else:
-            verdicts.append((c, c.passed, "" if c.passed else f"relative error {c.max_rel:.2e} > {c.rtol:.0e}"
-                             if not c.problem.startswith(("missing", "not a", "shape", "non-finite")) else c.problem))
-    return verdicts
+def polygraphy_statistics(stats) -> dict[str, dict]:
+    """Polygraphy's per-output results of one iteration (name -> ``OutputCompareResult``) as the ``measured``
+    statistics of ``parity.judge``: its ``max_absdiff`` and ``mean_absdiff`` are taken as they are."""
+    if not hasattr(stats, "items"):
+        return {}
+    return {name: {"max_abs": result.max_absdiff, "mean_abs": getattr(result, "mean_absdiff", None)}
+            for name, result in stats.items() if hasattr(result, "max_absdiff")}
 
 
 def random_feeds(stage: Stage, shapes: dict, seed: int = 0) -> dict[str, np.ndarray]:
@@ -140,7 +132,7 @@ def polygraphy_command(graph: Path | str, stage: str, precision: str, shapes: di
 def engine_parity(stage: str, precision: str, graph: Path, engine_runner, shapes: dict, seed: int = 0,
                   reference_runner=None) -> tuple[list, bool]:
     """An engine (any Polygraphy runner) against its ONNX graph in onnxruntime, at the opt shapes:
-    (comparisons, passed)."""
+    (verdicts, passed)."""
     table = STAGES[stage]
     feeds = [random_feeds(table, shapes, seed)]
     reference = reference_runner if reference_runner is not None else onnxruntime_runner(graph, name=REFERENCE)
@@ -148,5 +140,5 @@ def engine_parity(stage: str, precision: str, graph: Path, engine_runner, shapes
 
     with _quiet():
         results = Comparator.run([engine_runner, reference], data_loader=feeds)
-    comparisons = compare_results(table, precision, results)[0]
-    return comparisons, all(passed for _, passed, _ in image_verdicts(table, comparisons, precision))
+    verdicts = compare_results(table, precision, results)[0]
+    return verdicts, all(verdicts)

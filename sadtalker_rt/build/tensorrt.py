@@ -28,7 +28,7 @@ from ..runtime.engine_plan import (DEFAULT_WORKSPACE_GIB, ENGINES_JSON, FORMAT, 
 TIMING_CACHE = "timing.cache"
 Progress = Callable[[str, int, int], None]
 BuildEngine = Callable[[Path, ProfileShapes], bytes]      # (graph, profile shapes) -> serialized engine
-# (stage, precision, graph, engine bytes, profile shapes) -> (parity comparisons, passed)
+# (stage, precision, graph, engine bytes, profile shapes) -> (parity verdicts, passed)
 CheckEngine = Callable[[str, str, Path, bytes, ProfileShapes], tuple[list, bool]]
 
 
@@ -109,8 +109,8 @@ def run_builds(manifest: dict, onnx_dir: Path, out_dir: Path, platform: dict, bu
             seconds = round(time.perf_counter() - start, 1)
             extra = {}
             if check is not None:
-                comparisons, passed = check(item.stage, item.key.precision, item.graph, data, item.key.profile)
-                extra = {"parity": [c.as_dict() for c in comparisons], "parity_passed": passed}
+                verdicts, passed = check(item.stage, item.key.precision, item.graph, data, item.key.profile)
+                extra = {"parity": [v.as_dict() for v in verdicts], "parity_passed": passed}
                 if not passed:
                     result.parity_failures[item.stage] = polygraphy_command(
                         item.graph, item.stage, item.key.precision, item.key.profile)

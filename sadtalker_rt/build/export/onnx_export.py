@@ -21,8 +21,7 @@ import numpy as np
 from ... import __version__
 from ...runtime.manifest import FORMAT, MANIFEST, sha256_of
 from ...errors import SadTalkerError, UsageError
-from ...stages import (BATCH, ENHANCER_STAGES, EXPORT_ORDER, FP16_MIN_PSNR_DB, FRAMES, MIN_CLASS_AGREEMENT, OPSET,
-                       ORDER, POSE_STYLES, STAGES, Stage)
+from ...stages import BATCH, ENHANCER_STAGES, EXPORT_ORDER, FRAMES, OPSET, ORDER, POSE_STYLES, STAGES, Stage
 
 TRACE_AXES = {BATCH: 2, FRAMES: 8}          # dynamic axis values used for tracing
 CHECK_AXES = {BATCH: 3, FRAMES: 5}          # another shape, to prove the axes really are dynamic
@@ -159,53 +158,38 @@ def validate_graph(model_bytes: bytes, stage: Stage, checks: list[tuple[str, dic
                    precision: str) -> tuple[list, list]:
     """The graph in onnxruntime against PyTorch's outputs through Polygraphy's runner and error statistics,
     judged by ``parity``: one row per (shape, output) and the failures among them."""
-    from ..polygraphy_check import compare_results, image_verdicts, run_outputs, with_reference
+    from ..polygraphy_check import compare_results, run_outputs, with_reference
 
     runner = validation_runner(model_bytes, emulate_fp16=precision == "fp16")
     results = with_reference(run_outputs(runner, [feeds for _, feeds, _ in checks]), [ref for _, _, ref in checks])
     method = "fp16 storage emulated on CPU" if precision == "fp16" else "onnxruntime CPU"
     rows, failures = [], []
     ours_iterations = list(results.items())[0][1]
-    for i, ((label, _, ref), comparisons) in enumerate(zip(checks, compare_results(stage, precision, results))):
-        for result, passed, reason in image_verdicts(stage, comparisons, precision):
-            row = {"shape": label, "output": result.name, "max_abs": result.max_abs, "max_rel": result.max_rel,
-                   "mean_abs": result.mean_abs, "p99_abs": result.p99_abs, "method": f"{method}, polygraphy"}
-            kind = stage.output(result.name).kind if any(t.name == result.name for t in stage.outputs) else ""
-            if kind in ("face", "class") and result.name in ref and not result.problem.startswith(("missing", "shape")):
-                judged, reason = _judged_row(kind, ours_iterations[i][result.name], ref[result.name], precision, result)
-                row.update({k: v for k, v in judged.items() if k != "method"})
-                passed = judged["passed"]
-            if stage.output(result.name).kind == "image":
-                row["psnr_db"] = result.psnr_db
-            row["passed"] = passed
-            rows.append(row)
-            if not passed:
-                failures.append(f"{stage.name}.{result.name} at {label}: {reason}")
+    for (label, _, ref), ours, verdicts in zip(checks, ours_iterations, compare_results(stage, precision, results)):
+        for verdict in verdicts:
+            rows.append(_parity_row(stage, label, verdict, ours, ref, f"{method}, polygraphy"))
+            if not verdict.passed:
+                failures.append(f"{stage.name}.{verdict.name} at {label}: {verdict.problem}")
     return rows, failures
 
 
-def _judged_row(kind: str, ours: np.ndarray, ref: np.ndarray, precision: str, result) -> tuple[dict, str]:
-    """Class maps are judged by the share of agreeing elements; faces in [-1, 1] by PSNR as users see them
-    (clipped, on [0, 1]) in FP16, by ``result`` (the relative bound) in FP32. Returns the row and the
-    failure reason ("" when it passes)."""
-    from ...parity import psnr
+def _parity_row(stage: Stage, label: str, verdict, ours, ref: dict, method: str) -> dict:
+    """The manifest's record of one verdict; image and face outputs carry their PSNR (faces as users see them,
+    clipped on [0, 1], whichever statistic judged them), class maps their agreement."""
+    from ...parity import face_psnr
 
-    method = "fp16 storage emulated on CPU" if precision == "fp16" else "onnxruntime CPU"
-    if kind == "class":
-        agreement = float(np.mean(np.asarray(ours) == np.asarray(ref)))
-        floor = MIN_CLASS_AGREEMENT[precision if precision == "fp32" else "fp16"]
-        passed = agreement >= floor
-        return ({"method": method, "agreement": agreement, "passed": passed},
-                "" if passed else f"{(1 - agreement):.2%} of classes differ (> {1 - floor:.2%})")
-    shown = [(np.clip(np.asarray(x, np.float64), -1, 1) + 1) / 2 for x in (ours, ref)]
-    db = psnr(*shown)
-    if precision == "fp32":
-        passed = bool(result.passed)
-        reason = f"relative error {result.max_rel:.2e} > {result.rtol:.0e}"
-    else:
-        passed = db >= FP16_MIN_PSNR_DB
-        reason = f"PSNR {db:.1f} dB < {FP16_MIN_PSNR_DB:.0f} dB"
-    return {"method": method, "psnr_db": db, "passed": passed}, "" if passed else reason
+    row = {"shape": label, "output": verdict.name, "max_abs": verdict.max_abs, "max_rel": verdict.max_rel,
+           "mean_abs": verdict.mean_abs, "p99_abs": verdict.p99_abs, "method": method}
+    kind = next((t.kind for t in stage.outputs if t.name == verdict.name), "")
+    compared = verdict.name in ours and verdict.name in ref and np.shape(ours[verdict.name]) == verdict.shape
+    if verdict.metric == "agreement" and compared:
+        row["agreement"] = verdict.value
+    if kind == "image":
+        row["psnr_db"] = verdict.psnr_db
+    elif kind == "face" and compared:
+        row["psnr_db"] = face_psnr(ours[verdict.name], ref[verdict.name])
+    row["passed"] = verdict.passed
+    return row
 
 
 def to_mixed_precision(model_bytes: bytes, calibration: list[dict]) -> tuple[bytes, list]:
