@@ -11,7 +11,6 @@ Only numpy and the stdlib at import; the runtime is imported inside the function
 """
 from __future__ import annotations
 
-import math
 import os
 import statistics
 import time
@@ -21,12 +20,23 @@ from pathlib import Path
 
 import numpy as np
 
+from ..stages import Tolerance
 from .metrics import END_TO_END_TOLERANCES
 
 FRAME_PSNR_DB = 40.0
 MOUTH_PSNR_DB = 38.0       # the issue's mouth gate for reduced-precision CPU paths
 KP_MAX_ABS = END_TO_END_TOLERANCES["kp_max_abs"].limit
 HEAD_POSE_DEG = END_TO_END_TOLERANCES["head_pose_deg"].limit
+
+# CaseParity field -> (its name in failures, the gate); judged by sadtalker_rt.parity.check
+GATES = {
+    "frame_psnr_db": ("frame PSNR dB", Tolerance("psnr_db", FRAME_PSNR_DB, "every frame against FP32",
+                                                 "bench.cpu_variants")),
+    "mouth_psnr_db": ("mouth PSNR dB", Tolerance("psnr_db", MOUTH_PSNR_DB, "the mouth box against FP32: the "
+                                                 "issue's gate for reduced-precision CPU paths", "bench.cpu_variants")),
+    "kp_max_abs": ("keypoint delta", END_TO_END_TOLERANCES["kp_max_abs"]),
+    "head_pose_deg": ("head pose delta deg", END_TO_END_TOLERANCES["head_pose_deg"]),
+}
 
 
 @dataclass
@@ -39,7 +49,7 @@ class CaseParity:
 
 
 @dataclass
-class Verdict:
+class GateResult:
     passed: bool
     failures: list[str] = field(default_factory=list)
     worst: dict = field(default_factory=dict)
@@ -48,24 +58,22 @@ class Verdict:
         return asdict(self)
 
 
-def gate(cases: Sequence[CaseParity]) -> Verdict:
+def gate(cases: Sequence[CaseParity]) -> GateResult:
     """Pass only when every case clears every gate; each miss is named with its case and value."""
+    from ..parity import check
+
     if not cases:
-        return Verdict(False, ["no cases measured"])
+        return GateResult(False, ["no cases measured"])
     failures = []
     for c in cases:
-        for value, limit, what, higher in ((c.frame_psnr_db, FRAME_PSNR_DB, "frame PSNR dB", True),
-                                           (c.mouth_psnr_db, MOUTH_PSNR_DB, "mouth PSNR dB", True),
-                                           (c.kp_max_abs, KP_MAX_ABS, "keypoint delta", False),
-                                           (c.head_pose_deg, HEAD_POSE_DEG, "head pose delta deg", False)):
-            ok = not math.isnan(value) and (value >= limit if higher else value <= limit)
-            if not ok:
-                failures.append(f"{c.case}: {what} {value:.4g} {'<' if higher else '>'} {limit:g}")
-    worst = {"frame_psnr_db": min(c.frame_psnr_db for c in cases),
-             "mouth_psnr_db": min(c.mouth_psnr_db for c in cases),
-             "kp_max_abs": max(c.kp_max_abs for c in cases),
-             "head_pose_deg": max(c.head_pose_deg for c in cases)}
-    return Verdict(not failures, failures, worst)
+        for name, (what, tolerance) in GATES.items():
+            value = getattr(c, name)
+            if not check(c.case, value, tolerance).passed:
+                failures.append(f"{c.case}: {what} {value:.4g} {'<' if tolerance.op == '>=' else '>'} "
+                                f"{tolerance.limit:g}")
+    worst = {name: (min if tolerance.op == ">=" else max)(getattr(c, name) for c in cases)
+             for name, (_, tolerance) in GATES.items()}
+    return GateResult(not failures, failures, worst)
 
 
 # ------------------------------------------------------------------------------------------- inputs
