@@ -22,7 +22,6 @@ from ..stages import BATCH, FRAMES, Stage
 ENGINES_JSON = "engines.json"
 FORMAT = "sadtalker-rt/engines-1"
 NATIVE_GRID_SAMPLE_FROM = (11, 2)       # TensorRT release notes: rank-5 GridSample from 11.2; 4-D only before
-PLATFORM_FIELDS = ("gpu_name", "compute_capability", "trt_version")
 DEFAULT_WORKSPACE_GIB = 4.0
 
 Shape = tuple[int, ...]
@@ -143,34 +142,39 @@ def check_engine(record: dict, current: EngineKey | dict) -> str | None:
     now = current.fields() if isinstance(current, EngineKey) else dict(current)
     if "profile" in now:
         now["profile"] = _canonical_profile(now["profile"])
-
-    def differs(field: str) -> bool:
-        if field not in now:
-            return False
-        if field == "profile":
-            return _canonical_profile(record.get("profile", {})) != now["profile"]
-        if field == "builder":
-            return record.get("builder") != now["builder"]
-        return str(record.get(field)) != str(now[field])
-
-    if differs("gpu_name") or differs("compute_capability"):
-        return (f"it was built for {record.get('gpu_name')} (compute capability {record.get('compute_capability')})"
-                f" and this GPU is {now.get('gpu_name', record.get('gpu_name'))} "
-                f"({now.get('compute_capability', record.get('compute_capability'))})")
-    if differs("trt_version"):
-        return f"it was built with TensorRT {record.get('trt_version')} and this is TensorRT {now['trt_version']}"
-    if differs("stage"):
-        return f"it is the engine of stage {record.get('stage')}, not {now['stage']}"
-    if differs("graph_sha256"):
-        return (f"its ONNX graph changed (sha256 {_short(str(record.get('graph_sha256')))} then, "
-                f"{_short(now['graph_sha256'])} now)")
-    if differs("precision"):
-        return f"it was built from a {record.get('precision')} graph and the graph now is {now['precision']}"
-    if differs("profile"):
-        return f"its optimization profile differs ({_profile_difference(record.get('profile', {}), now['profile'])})"
-    if differs("builder"):
-        return f"its builder settings differ ({_settings_difference(record.get('builder') or {}, now['builder'])})"
+    for fields, why in _MISMATCHES:
+        if any(field in now and _differs(record, now, field) for field in fields):
+            return why(record, now)
     return None
+
+
+def _differs(record: dict, now: dict, field: str) -> bool:
+    if field == "profile":
+        return _canonical_profile(record.get("profile", {})) != now["profile"]
+    if field == "builder":
+        return record.get("builder") != now["builder"]
+    return str(record.get(field)) != str(now[field])
+
+
+# (fields, the sentence when one of them differs), in the order they are checked: the platform first.
+_MISMATCHES = (
+    (("gpu_name", "compute_capability"), lambda then, now: (
+        f"it was built for {then.get('gpu_name')} (compute capability {then.get('compute_capability')}) and this "
+        f"GPU is {now.get('gpu_name', then.get('gpu_name'))} "
+        f"({now.get('compute_capability', then.get('compute_capability'))})")),
+    (("trt_version",), lambda then, now: (
+        f"it was built with TensorRT {then.get('trt_version')} and this is TensorRT {now['trt_version']}")),
+    (("stage",), lambda then, now: f"it is the engine of stage {then.get('stage')}, not {now['stage']}"),
+    (("graph_sha256",), lambda then, now: (
+        f"its ONNX graph changed (sha256 {_short(str(then.get('graph_sha256')))} then, "
+        f"{_short(now['graph_sha256'])} now)")),
+    (("precision",), lambda then, now: (
+        f"it was built from a {then.get('precision')} graph and the graph now is {now['precision']}")),
+    (("profile",), lambda then, now: (
+        f"its optimization profile differs ({_profile_difference(then.get('profile', {}), now['profile'])})")),
+    (("builder",), lambda then, now: (
+        f"its builder settings differ ({_settings_difference(then.get('builder') or {}, now['builder'])})")),
+)
 
 
 def _settings_difference(built: dict, wanted: dict) -> str:
