@@ -70,13 +70,13 @@ def open_backend(name: str, *, weights=None, engines: Path | None = None, size: 
 
         if cuda_graphs:
             raise UsageError("--cuda-graphs is for --backend torch (on cuda) and --backend tensorrt.")
-        return OnnxRuntimeBackend(engines, size=size, device=device)
+        return OnnxRuntimeBackend(engines, device=device)
     if name == "tensorrt":
         if engines is None:
             raise UsageError("--backend tensorrt needs --engines DIR (made by `sadtalker-rt build`).")
         from .tensorrt_backend import TensorRTBackend
 
-        return TensorRTBackend(engines, size=size, cuda_graphs=cuda_graphs)
+        return TensorRTBackend(engines, cuda_graphs=cuda_graphs)
     raise UsageError(f"--backend must be one of {', '.join(BACKENDS)}, not '{name}'.")
 
 

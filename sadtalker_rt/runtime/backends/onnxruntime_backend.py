@@ -89,7 +89,7 @@ class OnnxRuntimeRunner:
 class OnnxRuntimeBackend(SerialBackend):
     name = "onnxruntime"
 
-    def __init__(self, directory: Path, size: int | None = None, device: str = "cpu"):
+    def __init__(self, directory: Path, device: str = "cpu"):
         self.directory = Path(directory)
         self.manifest = load_manifest(self.directory)
         self.size = int(self.manifest["size"])

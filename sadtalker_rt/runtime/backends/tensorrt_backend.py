@@ -202,8 +202,8 @@ class CudaExecutor:
 class TensorRTBackend:
     name = "tensorrt"
 
-    def __init__(self, directory: Path, size: int | None = None, cuda_graphs: bool = False):
-        """``size`` is ignored: the engines' render size, recorded in engines.json, is the one used."""
+    def __init__(self, directory: Path, cuda_graphs: bool = False):
+        """The render size is the engines' own, recorded in engines.json."""
         self.directory = Path(directory)
         self._trt = import_tensorrt()
         self.cuda = Cuda()
