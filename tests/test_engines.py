@@ -767,6 +767,24 @@ def test_building_some_stages_keeps_the_others(tmp_path):
     assert built == ["renderer"] and set(record["stages"]) == {"kp_detector", "renderer"}
 
 
+def test_triton_repository_reads_engines_as_the_backend_does(tmp_path):
+    from sadtalker_rt.stages import DEFAULT_PIPELINE
+    from sadtalker_rt.triton.repository import write_repository
+
+    onnx_dir = export_dir(tmp_path / "onnx", {name: name.encode() for name in DEFAULT_PIPELINE})
+    out = tmp_path / "engines"
+    _builds(onnx_dir, out)
+    summary = write_repository(onnx_dir, tmp_path / "repo", engines=out, check=False)
+    assert summary["models"]["renderer"]["how"] == "tensorrt_plan"
+    (out / "renderer.engine").write_bytes(b"garbage")
+    with pytest.raises(WeightsError, match="renderer engine .* does not match the sha256"):
+        write_repository(onnx_dir, tmp_path / "repo2", engines=out)
+    (out / plan.ENGINES_JSON).write_text("{")
+    with pytest.raises(WeightsError, match="not valid JSON"):
+        write_repository(onnx_dir, tmp_path / "repo2", engines=out)
+    assert not (tmp_path / "repo2").exists()
+
+
 def test_a_damaged_graph_is_refused_before_building(tmp_path):
     onnx_dir = export_dir(tmp_path / "onnx", {"renderer": b"r"})
     (onnx_dir / "renderer.onnx").write_bytes(b"changed")

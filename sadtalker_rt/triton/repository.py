@@ -17,7 +17,6 @@ so per-frame ``tensorrt_plan`` models are not batched across requests (one reque
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -222,15 +221,18 @@ def _default_store(output: Path) -> str:
 
 
 def _engines_record(engines: Path) -> dict:
-    from ..runtime.engine_plan import ENGINES_JSON
+    """The engines' record, read and checked as the TensorRT backend reads it: every stage of the pipeline has an
+    engine file that matches its recorded sha256."""
+    from ..runtime.engine_plan import engine_file_problem, load_engines_record
 
-    path = Path(engines) / ENGINES_JSON
-    if not path.is_file():
-        raise WeightsError(f"{path} is missing; build the engines with `sadtalker-rt build`.")
-    record = json.loads(path.read_text())
-    missing = [name for name in DEFAULT_PIPELINE if name not in record.get("stages", {})]
+    record = load_engines_record(Path(engines))
+    missing = [name for name in DEFAULT_PIPELINE if name not in record["stages"]]
     if missing:
         raise WeightsError(f"{engines} lacks engines for {', '.join(missing)}.")
+    for name, entry in record["stages"].items():
+        problem = engine_file_problem(engines, entry)
+        if problem is not None:
+            raise WeightsError(f"The {name} engine in {engines} cannot be served: {problem}.")
     return record
 
 
