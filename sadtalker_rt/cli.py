@@ -5,16 +5,18 @@ problem (see ``sadtalker_rt.errors``); ``--debug`` shows the traceback instead.
 """
 from __future__ import annotations
 
-import re
-import shlex
 import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from .errors import SadTalkerError, UsageError, WeightsError
+from .argv import normalize_argv, record, recorded_command
 from .backend_choice import BackendChoice, weight_source
+from .command_inputs import find_enhancer_weights, load_run_inputs, source_image
+from .errors import UsageError
+from .exit_codes import run_app
+from .reports import check_report_paths, write_reports
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Export, optimize and run SadTalker talking-head generation.")
@@ -23,7 +25,6 @@ SYNTHETIC_HELP = "use synthetic weights (optionally from SEED, default 0) instea
 CHECKPOINTS_HELP = "directory with the official SadTalker checkpoints"
 DEGREES_HELP = ("free view: {} in integer degrees (-90..90), one value or a list (0,30,-20 or 0 30 -20) "
                 "interpolated over the video, replacing the generated one")
-FREE_VIEW_OPTIONS = ("--input-yaw", "--input-pitch", "--input-roll")
 
 
 @app.callback()
@@ -125,14 +126,15 @@ def run(
                       input_yaw=input_yaw, input_pitch=input_pitch, input_roll=input_roll, ref_eyeblink=ref_eyeblink,
                       ref_pose=ref_pose, enhancer_points=enhancer_points)
     options.validate()
-    photo, wav = _load_run_inputs(image, audio, output, overwrite, (ref_eyeblink, ref_pose))
+    photo, wav = load_run_inputs(image, audio, output, overwrite, (ref_eyeblink, ref_pose))
     choice = BackendChoice(backend, device, precision, cuda_graphs, graphs, engines)
     choice.check()
     bars = StageBars(None if not quiet else False)
     head = choice.open(TalkingHead, checkpoints, synthetic_weights, size, old_version, bars)
     if enhancer is not None:
         from_folder = graphs is not None and enhancer_weights is None and checkpoints is None
-        extra = None if from_folder else _enhancer_weights(enhancer, enhancer_weights, checkpoints, synthetic_weights)
+        extra = None if from_folder else find_enhancer_weights(enhancer, enhancer_weights, checkpoints,
+                                                               synthetic_weights)
         choice.open_enhancer(head, extra, bars)
     elif enhancer_weights is not None:
         raise UsageError("--enhancer-weights is for --enhancer gfpgan.")
@@ -177,10 +179,11 @@ def export(
     from .stages import ENHANCER_STAGES
 
     weights = weight_source(checkpoints, synthetic_weights, size, old_version)
-    source = _source_image(image, size)
+    source = source_image(image, size)
     stages = tuple(stage) if stage else ORDER
     wanted = enhancer is not None or any(s in ENHANCER_STAGES for s in stages)
-    extra = _enhancer_weights(enhancer or "gfpgan", enhancer_weights, checkpoints, synthetic_weights) if wanted else None
+    extra = find_enhancer_weights(enhancer or "gfpgan", enhancer_weights, checkpoints, synthetic_weights) if wanted \
+        else None
     faces = None
     if extra is not None:
         check_enhancer(enhancer, "fixed")
@@ -242,21 +245,6 @@ def build(
                                     f"{output} (recorded in engines.json; Polygraphy commands above).")
 
 
-def _source_image(image: Optional[Path], size: int):
-    """A real photo, centre-cropped and resized to S x S, as (1, 3, S, S) in [0, 1]."""
-    import numpy as np
-    from PIL import Image
-
-    from . import media
-
-    photo = media.load_image(image if image is not None else media.demo_image())
-    h, w = photo.shape[:2]
-    side = min(h, w)
-    top, left = (h - side) // 2, (w - side) // 2
-    square = Image.fromarray(photo[top:top + side, left:left + side]).resize((size, size), Image.BILINEAR)
-    return (np.asarray(square, np.float32) / 255.0).transpose(2, 0, 1)[None].copy()
-
-
 @app.command()
 def bench(
     checkpoints: Optional[Path] = typer.Option(None, "--checkpoints", help=CHECKPOINTS_HELP),
@@ -304,42 +292,30 @@ def bench(
     from .progress import StageBars
 
     weights = weight_source(checkpoints, synthetic_weights, size, old_version)
+    check_report_paths(json_out, markdown_out)
     if streaming:
         _bench_streaming(weights, size, device, image, audio, sessions, chunk_ms, seconds, json_out, markdown_out)
         return
-    for path in (json_out, markdown_out):
-        if path is not None and not path.parent.is_dir():
-            raise UsageError(f"cannot write {path}: {path.parent} is not a directory.")
-    command = "sadtalker-rt " + shlex.join(_COMMAND_LINE)
+    command = recorded_command()
     if soak is not None:
         from .bench.soak import soak_markdown, run_soak
 
         result = run_soak(weights, size, jobs=soak, frames=frames, image=image, audio=audio, device=device,
                           command=command, log=lambda line: typer.echo(line, err=True))
-        if json_out is not None:
-            bench_mod.write_json(result, json_out)
-        text = soak_markdown(result)
-        if markdown_out is not None:
-            markdown_out.write_text(text)
-        typer.echo(text)
+        write_reports(result, soak_markdown(result), json_out, markdown_out, bench_mod.write_json)
         return
     config = bench_mod.BenchConfig(
         weights=weights, size=size, backends=bench_mod.parse_list(backends),
         batch_sizes=bench_mod.parse_list(batch_sizes, int), frames=frames, warmup=warmup, repeats=repeats,
         rounds=rounds, end_to_end_rounds=end_to_end_rounds, image=image, audio=audio, engines_dir=engines_dir, device=device,
-        export_source=_source_image(image, size))
+        export_source=source_image(image, size))
     config.validate()
     if weights.synthetic:
         typer.echo(f"note: {weights.describe()}.", err=True)
     bars = StageBars(None if not quiet else False)
     report = bench_mod.run_bench(config, progress=bars, log=lambda line: typer.echo(line, err=True), command=command)
     bars.close()
-    markdown = bench_mod.to_markdown(report)
-    if json_out is not None:
-        bench_mod.write_json(report, json_out)
-    if markdown_out is not None:
-        markdown_out.write_text(markdown)
-    typer.echo(markdown)
+    write_reports(report, bench_mod.to_markdown(report), json_out, markdown_out, bench_mod.write_json)
     bad = [b["name"] for b in report["backends"]
            if b["status"] == "failed" or (b["status"] == "ok" and not b["parity"]["passed"])]
     if bad:
@@ -359,21 +335,17 @@ def bench_enhancer(
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the report as JSON"),
 ) -> None:
     """Per-frame cost and parity of the face enhancer on each backend against the official PyTorch way."""
-    import json
-
     from .bench import enhancer as mod
     from . import media
 
     if rounds < 1:
         raise UsageError(f"--rounds must be at least 1, not {rounds}.")
-    extra = _enhancer_weights("gfpgan", enhancer_weights, checkpoints, synthetic_weights)
+    check_report_paths(json_out)
+    extra = find_enhancer_weights("gfpgan", enhancer_weights, checkpoints, synthetic_weights)
     named = dict(item.split("=", 1) for item in graphs) if graphs else mod.default_graphs(extra)
-    config = mod.EnhancerBenchConfig(extra, image or media.demo_image(), named, rounds,
-                                     command="sadtalker-rt " + " ".join(sys.argv[1:]))
+    config = mod.EnhancerBenchConfig(extra, image or media.demo_image(), named, rounds, command=recorded_command())
     report = mod.run_enhancer_bench(config, log=lambda line: typer.echo(line, err=True))
-    if json_out is not None:
-        json_out.write_text(json.dumps(report, indent=2))
-    typer.echo(mod.to_markdown(report))
+    write_reports(report, mod.to_markdown(report), json_out)
 
 
 def _register_triton() -> None:
@@ -383,27 +355,6 @@ def _register_triton() -> None:
 
 
 _register_triton()
-
-
-def _enhancer_weights(enhancer: Optional[str], location: Optional[Path], checkpoints: Optional[Path],
-                      synthetic_weights: Optional[int]):
-    if enhancer is None:
-        if location is not None:
-            raise UsageError("--enhancer-weights is for --enhancer gfpgan.")
-        return None
-    from .models.enhancer_weights import EnhancerWeights
-
-    if synthetic_weights is not None and location is None:
-        return EnhancerWeights(synthetic_seed=synthetic_weights)
-    where = location or checkpoints
-    if where is None or not where.exists():
-        raise WeightsError(f"--enhancer gfpgan needs GFPGANv1.4.pth: {where} does not exist." if where else
-                           "--enhancer gfpgan needs GFPGANv1.4.pth: give --enhancer-weights or --checkpoints.")
-    weights = EnhancerWeights(where)
-    if not weights.has("parsenet"):
-        typer.echo("note: parsing_parsenet.pth not found; the face is pasted back through a feathered square mask.",
-                   err=True)
-    return weights
 
 
 @app.command()
@@ -441,8 +392,6 @@ def serve(
 
 
 def _bench_streaming(weights, size, device, image, audio, sessions, chunk_ms, seconds, json_out, markdown_out):
-    import json
-
     from . import media
     from .serving import bench as bench_streaming
     from .runtime.pipeline import SAMPLE_RATE, TalkingHead
@@ -453,96 +402,13 @@ def _bench_streaming(weights, size, device, image, audio, sessions, chunk_ms, se
     avatar = head.prepare_avatar(image or media.demo_image(), "crop")
     wav = media.load_audio(audio or media.demo_audio(), SAMPLE_RATE)[:int(seconds * SAMPLE_RATE)]
     report = bench_streaming.run(head, avatar, wav, tuple(sorted({1, sessions})), chunk_ms)
-    markdown = bench_streaming.to_markdown(report)
-    if json_out is not None:
-        json_out.write_text(json.dumps(report, indent=2))
-    if markdown_out is not None:
-        markdown_out.write_text(markdown)
-    typer.echo(markdown)
-
-
-def _load_run_inputs(image: Path, audio: Path, output: Path, overwrite: bool, references: tuple = ()):
-    """Decode both inputs (and the first frame of each reference video) and check the output location
-    before any model loads; returns (photo, wav)."""
-    from . import media
-    from .errors import OutputError
-    from .media.video_input import first_video_frame
-
-    photo, wav = media.load_image(image), media.load_audio(audio)
-    references = [r for r in references if r is not None]
-    for reference in references:
-        first_video_frame(reference)
-    for source in (image, audio, *references):
-        if output.exists() and output.resolve() == source.resolve():
-            raise OutputError(f"{output} is an input of this run; choose another output.")
-    media.check_output_path(output, overwrite)
-    return photo, wav
-
-
-def _normalize_argv(argv: list[str]) -> list[str]:
-    """``--synthetic-weights`` takes an optional seed (a bare flag means seed 0); ``--debug`` may stand anywhere;
-    ``--input-yaw/pitch/roll`` take one or more integers."""
-    out = ["--debug"] if "--debug" in argv else []
-    argv = [a for a in argv if a != "--debug"]
-    joining = False             # the official spelling `--input-yaw 0 30 -20`: later integers join the first value
-    for i, arg in enumerate(argv):
-        if joining and re.fullmatch(r"[+-]?\d+", arg):
-            out[-1] += f",{arg}"
-            continue
-        joining = i > 0 and argv[i - 1] in FREE_VIEW_OPTIONS
-        if arg == "--synthetic-weights":
-            nxt = argv[i + 1] if i + 1 < len(argv) else None
-            if nxt is None or not nxt.lstrip("-").isdigit():
-                out.append("--synthetic-weights=0")
-                continue
-        out.append(arg)
-    return out
-
-
-def _one_line(err: BaseException) -> str:
-    return str(err).replace("\r", "\\r").replace("\n", "\\n")
-
-
-_COMMAND_LINE: list[str] = []
+    write_reports(report, bench_streaming.to_markdown(report), json_out, markdown_out)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    from typer.exceptions import TyperException   # usage errors (typer vendors click; click is not ours to import)
-
-    args = _normalize_argv(list(sys.argv[1:] if argv is None else argv))
-    _COMMAND_LINE[:] = args         # recorded by reports that name the command that made them
-    debug = "--debug" in args
-    try:
-        code = app(args=args, prog_name="sadtalker-rt", standalone_mode=False)
-        if isinstance(code, int) and code:     # typer.Exit(n) comes back as a return value here
-            if code == 130:
-                typer.echo("error: interrupted.", err=True)
-            sys.exit(code)
-    except SadTalkerError as err:
-        if debug:
-            raise
-        typer.echo(f"error: {_one_line(err)}", err=True)
-        sys.exit(err.exit_code)
-    except typer.Exit as exit_:
-        sys.exit(exit_.exit_code)
-    except TyperException as err:
-        typer.echo(f"error: {err.format_message()}", err=True)
-        sys.exit(UsageError.exit_code)
-    except typer.Abort:
-        typer.echo("error: interrupted.", err=True)
-        sys.exit(130)
-    except KeyboardInterrupt:
-        typer.echo("error: interrupted.", err=True)
-        sys.exit(130)
-    except MemoryError:
-        typer.echo("error: out of memory; try a smaller --batch-size or --size 256.", err=True)
-        sys.exit(1)
-    except Exception as err:  # a bug of ours: still one line, the traceback behind --debug
-        if debug:
-            raise
-        typer.echo(f"error: internal error ({type(err).__name__}: {_one_line(err)}); run with --debug for the "
-                   "traceback.", err=True)
-        sys.exit(1)
+    args = normalize_argv(list(sys.argv[1:] if argv is None else argv))
+    record(args)
+    run_app(app, args, debug="--debug" in args)
 
 
 if __name__ == "__main__":

@@ -96,13 +96,13 @@ def test_foreign_directory_is_refused(tmp_path):
 @pytest.mark.heavy
 def test_fp16_renderer_reaches_40_db_on_example_photos(tmp_path, assets_dir):
     """The FP16 graph with its FP32 islands, FP16 storage emulated, against float32 PyTorch."""
-    from sadtalker_rt.cli import _source_image
+    from sadtalker_rt.command_inputs import source_image
     from sadtalker_rt.build.export.onnx_export import export_graphs
 
     for photo in ("happy.png", "art_0.png"):
         manifest = export_graphs(WeightSource(synthetic_seed=0), 256, tmp_path / photo, precision="fp16",
                                  stages=("kp_detector", "source_encoder", "mapping", "renderer"),
-                                 source_image=_source_image(assets_dir / photo, 256))
+                                 source_image=source_image(assets_dir / photo, 256))
         rows = [r for r in manifest["stages"]["renderer"]["parity"] if r["output"] == "frames"]
         assert rows and min(r["psnr_db"] for r in rows) >= 40.0
         assert manifest["stages"]["renderer"]["fp32_islands"]

@@ -69,16 +69,13 @@ def triton_bench(
 ) -> None:
     """Throughput and latency of 1, 4 and 16 concurrent streams against a running repository, and the batch sizes
     Triton formed."""
+    from ..reports import check_report_paths, write_reports
     from . import bench
 
+    check_report_paths(json_out, markdown_out)
     report = bench.run(url, image, audio, frames, bench.parse_levels(concurrency), batch_size, label,
                        log=lambda line: typer.echo(line, err=True))
-    markdown = bench.to_markdown(report)
-    if json_out is not None:
-        bench.write_json(report, json_out)
-    if markdown_out is not None:
-        markdown_out.write_text(markdown)
-    typer.echo(markdown)
+    write_reports(report, bench.to_markdown(report), json_out, markdown_out, bench.write_json)
 
 
 def register(app: typer.Typer) -> None:
