@@ -1,7 +1,7 @@
 """Strict loading of official state dicts into the reference modules."""
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -89,3 +89,10 @@ def load_strict(module: nn.Module, state_dict: Mapping[str, torch.Tensor], sourc
     cast = {k: to_tensor(v).to(expected[k].dtype) for k, v in state_dict.items()}
     module.load_state_dict(cast, strict=True)
     return module.eval()
+
+
+def load_on_meta(make: Callable[[], nn.Module], state_dict: Mapping[str, torch.Tensor], source: str) -> nn.Module:
+    """``make()`` on the meta device (no random initialisation to throw away), then filled by ``load_strict``."""
+    with torch.device("meta"):
+        module = make()
+    return load_strict(module.to_empty(device="cpu"), state_dict, source)

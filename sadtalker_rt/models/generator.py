@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._loading import expand_spectral_norm, fold_spectral_norm, load_strict, module_template
+from ._loading import expand_spectral_norm, fold_spectral_norm, load_on_meta, module_template
 from .ops import (DownBlock2d, DownBlock3d, ResBlock3d, SameBlock2d, UpBlock3d, coordinate_grid, grid_sample_3d,
                   upsample_nearest)
 
@@ -260,7 +260,4 @@ def checkpoint_filter_fn(state_dict) -> dict[str, torch.Tensor]:
 
 
 def build(state_dict, source: str, **cfg) -> OcclusionAwareSPADEGenerator:
-    with torch.device("meta"):
-        module = OcclusionAwareSPADEGenerator(**cfg)
-    module = module.to_empty(device="cpu")
-    return load_strict(module, checkpoint_filter_fn(state_dict), source)
+    return load_on_meta(lambda: OcclusionAwareSPADEGenerator(**cfg), checkpoint_filter_fn(state_dict), source)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._loading import load_strict, module_template, to_tensor
+from ._loading import load_on_meta, module_template, to_tensor
 
 OUT_SIZE = 512
 STYLE_DIM = 512
@@ -243,7 +243,4 @@ def checkpoint_filter_fn(state_dict) -> dict[str, torch.Tensor]:
 
 
 def build(state_dict, source: str, **cfg) -> GFPGANv1Clean:
-    with torch.device("meta"):
-        module = GFPGANv1Clean(**cfg)
-    module = module.to_empty(device="cpu")
-    return load_strict(module, checkpoint_filter_fn(state_dict), source)
+    return load_on_meta(lambda: GFPGANv1Clean(**cfg), checkpoint_filter_fn(state_dict), source)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._loading import load_strict, module_template, to_tensor
+from ._loading import load_on_meta, module_template, to_tensor
 from .ops import DownBlock2d, UpBlock3d, coordinate_grid
 
 
@@ -98,7 +98,4 @@ def checkpoint_filter_fn(state_dict) -> dict[str, torch.Tensor]:
 
 
 def build(state_dict, source: str, **cfg) -> KPDetector:
-    with torch.device("meta"):
-        module = KPDetector(**cfg)
-    module = module.to_empty(device="cpu")
-    return load_strict(module, checkpoint_filter_fn(state_dict), source)
+    return load_on_meta(lambda: KPDetector(**cfg), checkpoint_filter_fn(state_dict), source)

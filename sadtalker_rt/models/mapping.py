@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._loading import load_strict, module_template, to_tensor
+from ._loading import load_on_meta, module_template, to_tensor
 
 OUTPUT_NAMES = ("yaw", "pitch", "roll", "t", "exp")
 NUM_BINS = 66
@@ -132,7 +132,4 @@ def checkpoint_filter_fn(state_dict) -> dict[str, torch.Tensor]:
 
 
 def build(state_dict, source: str, coeff_nc: int = 70, **cfg) -> MappingNet:
-    with torch.device("meta"):
-        module = MappingNet(coeff_nc, **cfg)
-    module = module.to_empty(device="cpu")
-    return load_strict(module, checkpoint_filter_fn(state_dict), source)
+    return load_on_meta(lambda: MappingNet(coeff_nc, **cfg), checkpoint_filter_fn(state_dict), source)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._loading import load_strict, module_template, to_tensor
+from ._loading import load_on_meta, module_template, to_tensor
 
 PARSE_CLASSES = 19
 
@@ -106,7 +106,4 @@ def checkpoint_filter_fn(state_dict) -> dict[str, torch.Tensor]:
 
 
 def build(state_dict, source: str, **cfg) -> ParseNet:
-    with torch.device("meta"):
-        module = ParseNet(**cfg)
-    module = module.to_empty(device="cpu")
-    return load_strict(module, checkpoint_filter_fn(state_dict), source)
+    return load_on_meta(lambda: ParseNet(**cfg), checkpoint_filter_fn(state_dict), source)
