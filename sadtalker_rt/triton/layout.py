@@ -13,10 +13,15 @@ from dataclasses import dataclass
 
 from ..stages import BATCH, FRAMES, Stage, Tensor
 
+# The model parameter that sets a CPU instance's threads per call: the name Triton's onnxruntime backend reads,
+# and the Python stage models read it too.
+INTRA_OP_THREADS = "intra_op_thread_count"
 TRITON_DTYPES = {"float32": "FP32", "float16": "FP16", "int64": "INT64", "int32": "INT32", "uint8": "UINT8"}
 
 AVATAR = "avatar"                # photo -> avatar id (features cached on the server)
-TALKING_HEAD = "talking_head"    # avatar id + audio -> frames, streamed (decoupled)
+TALKING_HEAD = "talking_head"    # avatar id + audio in chunks (a Triton sequence) -> frames, streamed (decoupled)
+TALKING_HEAD_WHOLE = "talking_head_whole"   # the same for the whole audio in one request: HTTP generate_stream
+                                            # carries no correlation id, so it cannot drive a sequence
 
 
 @dataclass(frozen=True)
@@ -72,5 +77,10 @@ AVATAR_OUTPUTS = (Field("avatar_id", "uint8", (-1,)), Field("width", "int32", (1
 OPTION_FIELDS = (Field("pose_style", "int32", (1,), True), Field("seed", "int32", (1,), True),
                  Field("expression_scale", "float32", (1,), True), Field("still", "int32", (1,), True),
                  Field("batch_size", "int32", (1,), True))
-TALKING_HEAD_INPUTS = (Field("avatar_id", "uint8", (-1,)), Field("audio", "float32", (-1,))) + OPTION_FIELDS
+TALKING_HEAD_WHOLE_INPUTS = (Field("avatar_id", "uint8", (-1,)), Field("audio", "float32", (-1,))) + OPTION_FIELDS
+# In a sequence the avatar and the options come with the first chunk (the one that starts the sequence).
+TALKING_HEAD_INPUTS = (Field("avatar_id", "uint8", (-1,), optional=True), Field("audio", "float32", (-1,))) \
+    + OPTION_FIELDS
+# The sequence batcher's control inputs: Triton fills them from the request's sequence flags and id.
+SEQUENCE_START, SEQUENCE_END, SEQUENCE_ID = "START", "END", "CORRID"
 TALKING_HEAD_OUTPUTS = (Field("frame", "uint8", (-1, -1, 3)), Field("index", "int32", (1,)))

@@ -3,9 +3,9 @@
 ``StageModel`` runs one stage's graph with this package's onnxruntime runner; per-frame stages get the requests
 Triton batched together and run them as one call. ``AvatarModel`` prepares an avatar from a photo and keeps it
 in the avatar store (a folder shared by the glue models' processes), answering its id. ``TalkingHeadModel`` is
-decoupled: it takes an avatar id and audio and sends each frame as soon as it is final, running this package's
-pipeline with every stage called through BLS on the stage models (``BlsBackend``), so Triton schedules and
-batches them across streams.
+decoupled: it takes an avatar id and audio (in chunks, or whole) and sends each frame as soon as it is final,
+running this package's pipeline with every stage called through BLS on the stage models (``BlsBackend``), so
+Triton schedules and batches them across streams.
 
 The stub's numpy bridge (``Tensor.as_numpy``, ``Tensor(name, array)``) predates numpy 2 and reads garbage under
 it, so tensors cross through DLPack only (``_array``, ``_tensor``). Only imported inside Triton's Python stub.
@@ -17,6 +17,7 @@ import importlib
 import json
 import os
 import pickle
+import queue
 import tempfile
 import threading
 from pathlib import Path
@@ -25,6 +26,7 @@ import numpy as np
 
 from ..stages import STAGES
 from . import layout
+from .layout import INTRA_OP_THREADS
 
 
 def _pb():
@@ -68,7 +70,8 @@ class StageModel:
         params = _parameters(args)
         self.stage = STAGES[params["stage"]]
         graph = Path(args["model_repository"]) / args["model_version"] / params["graph"]
-        self.runner = OnnxRuntimeRunner(self.stage.name, graph, ["CPUExecutionProvider"], int(params["size"]))
+        self.runner = OnnxRuntimeRunner(self.stage.name, graph, ["CPUExecutionProvider"], int(params["size"]),
+                                        int(params.get(INTRA_OP_THREADS, "0")))
         self.batched = json.loads(args["model_config"]).get("max_batch_size", 0) > 0
 
     def execute(self, requests):
@@ -254,35 +257,118 @@ def frames_of(head, avatar, audio: np.ndarray, options):
 
 
 class TalkingHeadModel:
-    """Decoupled: a thread per request streams its frames; at most ``max_streams`` run at once."""
+    """Decoupled. ``talking_head_whole``: a thread per request streams the frames of its whole audio.
+    ``talking_head`` (``chunked``): every stream is a Triton sequence of audio chunks; Triton keeps a sequence's
+    chunks in order on one instance, and the model keeps its state (the runtime's ``FrameStream``) in a thread
+    per sequence, answering each chunk with the frames that became final, then that chunk's final response.
+    At most ``max_streams`` run at once; more are refused."""
 
     def initialize(self, args: dict) -> None:
+        params = _parameters(args)
         self.head, self.store = _glue_setup(args)
-        self.slots = threading.BoundedSemaphore(int(_parameters(args).get("max_streams", "64")))
+        self.chunked = params.get("chunked") == "1"
+        self.idle = float(params.get("stream_idle_s", "60"))
+        self.slots = threading.BoundedSemaphore(int(params.get("max_streams", "64")))
         self.threads: set[threading.Thread] = set()
+        self.sequences: dict[int, queue.Queue] = {}
+        self.lock = threading.Lock()
 
     def execute(self, requests):
         for request in requests:
             sender = request.get_response_sender()
-            if not self.slots.acquire(blocking=False):
-                sender.send(_error("the server is busy (too many streams); try again"),
-                            flags=_pb().TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-                continue
-            thread = threading.Thread(target=self._stream, args=(request, sender), daemon=True)
-            self.threads.add(thread)
-            thread.start()
+            if self.chunked:
+                self._chunk(request, sender)
+            elif self._take_slot(sender):
+                self._start(self._stream, request, sender)
         return None
+
+    def _take_slot(self, sender) -> bool:
+        if self.slots.acquire(blocking=False):
+            return True
+        sender.send(_error("the server is busy (too many streams); try again"),
+                    flags=_pb().TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        return False
+
+    def _start(self, target, *args) -> None:
+        thread = threading.Thread(target=target, args=args, daemon=True)
+        self.threads.add(thread)
+        thread.start()
+
+    def _chunk(self, request, sender) -> None:
+        sequence = int(_input(request, layout.SEQUENCE_ID).reshape(-1)[0])
+        starts = bool(_input(request, layout.SEQUENCE_START).reshape(-1)[0])
+        ends = bool(_input(request, layout.SEQUENCE_END).reshape(-1)[0])
+        with self.lock:
+            inbox = self.sequences.get(sequence)
+            if starts and inbox is None and self._take_slot(sender):
+                inbox = self.sequences[sequence] = queue.Queue()
+                self._start(self._serve_sequence, sequence, inbox)
+            elif starts and inbox is not None:
+                inbox = None
+                sender.send(_error(f"stream {sequence} is already running"),
+                            flags=_pb().TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            elif inbox is None and not starts:
+                sender.send(_error(f"no running stream {sequence} (it ended, failed or was idle over "
+                                   f"{self.idle:.0f} s); start a new one"),
+                            flags=_pb().TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        if inbox is not None:
+            inbox.put((request, sender, ends))
+
+    def _serve_sequence(self, sequence: int, inbox: queue.Queue) -> None:
+        from ..runtime.streaming import FrameStream
+
+        pb = _pb()
+        session = None
+        try:
+            while True:
+                try:
+                    request, sender, ends = inbox.get(timeout=self.idle)
+                except queue.Empty:          # the client went quiet: Triton has dropped the sequence too
+                    return
+                try:
+                    if session is None:
+                        avatar_id = _input(request, "avatar_id")
+                        if avatar_id is None or not len(avatar_id):
+                            raise ValueError("the first chunk of a stream must name the avatar (avatar_id)")
+                        session = FrameStream(self.head, self.store.get(_text(avatar_id)), options_from(request))
+                    audio = _input(request, "audio").astype(np.float32).reshape(-1)
+                    sent = self._send(session.push(audio) if len(audio) else iter(()), request, sender)
+                    if sent and ends:
+                        sent = self._send(session.close(), request, sender)
+                    sender.send(flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                    if not sent:             # cancelled: the stream is over
+                        return
+                except Exception as err:
+                    sender.send(_error(str(err)), flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                    return
+                if ends:
+                    return
+        finally:
+            with self.lock:
+                self.sequences.pop(sequence, None)
+            while not inbox.empty():         # chunks that arrived behind a failure hear why
+                _, sender, _ = inbox.get()
+                sender.send(_error(f"stream {sequence} has stopped"), flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            self.slots.release()
+            self.threads.discard(threading.current_thread())
+
+    @staticmethod
+    def _send(frames, request, sender) -> bool:
+        """Sends each frame as it comes; False when the client cancelled."""
+        pb = _pb()
+        for frame in frames:
+            if request.is_cancelled():
+                return False
+            sender.send(pb.InferenceResponse([_tensor("frame", frame.image),
+                                              _tensor("index", np.array([frame.index], np.int32))]))
+        return True
 
     def _stream(self, request, sender) -> None:
         pb = _pb()
         try:
             avatar = self.store.get(_text(_input(request, "avatar_id")))
             audio = _input(request, "audio").astype(np.float32).reshape(-1)
-            for frame in frames_of(self.head, avatar, audio, options_from(request)):
-                if request.is_cancelled():
-                    break
-                sender.send(pb.InferenceResponse([_tensor("frame", frame.image),
-                                                  _tensor("index", np.array([frame.index], np.int32))]))
+            self._send(frames_of(self.head, avatar, audio, options_from(request)), request, sender)
             sender.send(flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         except Exception as err:
             sender.send(_error(str(err)), flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)

@@ -69,6 +69,18 @@ def server_environment(extra_pythonpath: Optional[Path] = None) -> dict[str, str
     return env
 
 
+def _end_with_parent() -> None:
+    """In the child before exec: the server gets SIGTERM when the thread that started it ends, even by SIGKILL of
+    its process (a killed test run or bench leaves no server behind), so start it from a thread that outlives it.
+    Linux only; elsewhere nothing."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)      # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 class TritonServer:
     """A ``tritonserver`` child process on 127.0.0.1 with free ports; ``stop`` (or leaving the ``with``) ends it.
 
@@ -109,7 +121,8 @@ class TritonServer:
         package_parent = Path(__file__).resolve().parents[2]
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
-                                            env=server_environment(package_parent), start_new_session=True)
+                                            env=server_environment(package_parent), start_new_session=True,
+                                            preexec_fn=_end_with_parent)
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
