@@ -281,6 +281,10 @@ def bench(
     sessions: int = typer.Option(4, "--sessions", help="--streaming: concurrent sessions of the second run"),
     chunk_ms: float = typer.Option(20.0, "--chunk-ms", help="--streaming: audio chunk length"),
     seconds: float = typer.Option(4.0, "--seconds", help="--streaming: seconds of the audio to use"),
+    triton: Optional[str] = typer.Option(None, "--triton", metavar="URL", help="streams against a Triton server "
+                                         "instead (as `sadtalker-rt triton-bench URL`): --concurrency levels "
+                                         "interleaved for --rounds, --frames per stream"),
+    concurrency: str = typer.Option("1,4,16", "--concurrency", help="--triton: concurrent streams per level"),
 ) -> None:
     """Latency and parity of every backend side by side, against the official PyTorch loop.
 
@@ -291,6 +295,17 @@ def bench(
     from . import bench as bench_mod
     from .progress import StageBars
 
+    if triton is not None:
+        given = [name for name, on in (("--checkpoints", checkpoints), ("--synthetic-weights", synthetic_weights),
+                                       ("--backends", backends), ("--streaming", streaming), ("--soak", soak))
+                 if on not in (None, False)]
+        if given:
+            raise UsageError(f"{', '.join(given)} would be ignored with --triton: the server's repository fixes them.")
+        from .triton.cli import run_triton_bench
+
+        run_triton_bench(triton, None, image, audio, frames, concurrency, rounds, 1, 1024.0, json_out,
+                         markdown_out, "")
+        return
     weights = weight_source(checkpoints, synthetic_weights, size, old_version)
     check_report_paths(json_out, markdown_out)
     if streaming:
@@ -370,6 +385,9 @@ def serve(
     max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", help="largest upload (photo, audio, request)"),
     max_audio_seconds: float = typer.Option(120.0, "--max-audio-seconds", help="longest audio per session or job"),
     batch_size: int = typer.Option(1, "--batch-size", help="frames per renderer call"),
+    engine: str = typer.Option("local", "--engine", help="local (the runtime in this process) or "
+                               "triton://HOST:PORT (a Triton server's gRPC endpoint serving a `triton-repo` "
+                               "repository; the weights and size are the repository's)"),
 ) -> None:
     """Serve the web page, streaming websocket sessions and whole-file jobs (needs the 'serve' extra)."""
     try:
@@ -377,16 +395,29 @@ def serve(
         from .serving.server import make_server
     except ImportError as err:
         raise UsageError(f"serve needs the 'serve' extra (pip install 'sadtalker-rt[serve]'): {err}") from None
-    from .runtime.pipeline import TalkingHead
 
     if min(max_sessions, batch_size) < 1 or min(max_upload_mb, max_audio_seconds) <= 0:
         raise UsageError("--max-sessions, --batch-size, --max-upload-mb and --max-audio-seconds must be positive.")
     config = ServeConfig(token=token, max_sessions=max_sessions, max_upload_bytes=int(max_upload_mb * 2**20),
                          max_audio_seconds=max_audio_seconds, batch_size=batch_size)
-    weights = weight_source(checkpoints, synthetic_weights, size)
-    if weights.synthetic:
-        typer.echo(f"note: {weights.describe()}.", err=True)
-    server = make_server(TalkingHead.from_weights(weights, size=size, device=device), host, port, config)
+    if engine != "local":
+        from .serving.engines import engine_from
+
+        ignored = [name for name, given in (("--checkpoints", checkpoints is not None), ("--synthetic-weights",
+                   synthetic_weights is not None), ("--size", size != 256), ("--device", device != "cpu")) if given]
+        if ignored:
+            raise UsageError(f"{', '.join(ignored)} would be ignored with --engine {engine}: the Triton server's "
+                             "repository fixes the weights, size and devices.")
+        source = engine_from(engine)
+        typer.echo(f"frames from the Triton server at {engine}", err=True)
+    else:
+        from .runtime.pipeline import TalkingHead
+
+        weights = weight_source(checkpoints, synthetic_weights, size)
+        if weights.synthetic:
+            typer.echo(f"note: {weights.describe()}.", err=True)
+        source = TalkingHead.from_weights(weights, size=size, device=device)
+    server = make_server(source, host, port, config)
     typer.echo(f"serving on http://{host}:{port}/", err=True)
     server.run()
 

@@ -9,12 +9,14 @@
     GET  /                    the page
 
 A bearer token (``Authorization: Bearer T``, or ``?token=T`` where a browser cannot set headers) guards
-everything but the page when one is configured. One model serves every session; sessions take turns per
-model call. Each session's queues are bounded: a slow client only slows itself.
+everything but the page when one is configured. The frames come from an engine (``engines``): the runtime in
+this process (sessions take turns per model call) or a Triton server (each session one gRPC stream, batched
+there with every other stream). Each session's queues are bounded: a slow client only slows itself.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import io
@@ -31,7 +33,8 @@ from typing import Optional
 
 from ..errors import SadTalkerError
 from ..stages import SAMPLE_RATE
-from .limits import FairTurns, ServeConfig, Slots, TurnTakingBackend
+from .engines import as_engine
+from .limits import ServeConfig, Slots
 
 FRAME_HEADER = struct.Struct("<Id")
 POLICY_VIOLATION, TRY_AGAIN_LATER, TOO_BIG = 1008, 1013, 1009
@@ -44,14 +47,11 @@ class Refusal(Exception):
 
 
 class Service:
-    """The model, the avatar cache and the session slots shared by every request."""
+    """The engine, the avatar cache and the session slots shared by every request."""
 
     def __init__(self, head, config: ServeConfig):
-        from ..runtime.pipeline import TalkingHead
-
         self.config = config
-        self.turns = FairTurns()
-        self.head = TalkingHead(TurnTakingBackend(head.backend, self.turns), head.size)
+        self.engine = as_engine(head)
         self.slots = Slots(config.max_sessions)
         self.avatars: OrderedDict[str, object] = OrderedDict()
         self._avatar_lock = threading.Lock()
@@ -80,13 +80,7 @@ class Service:
                     if key in self.avatars:
                         self.avatars.move_to_end(key)
                         return key, self.avatars[key]
-                from .. import media
-
-                with tempfile.TemporaryDirectory(prefix="sadtalker-rt-") as tmp:
-                    path = Path(tmp) / "photo"
-                    path.write_bytes(photo)
-                    image = media.load_image(path)
-                avatar = self.head.prepare_avatar(image, preprocess, name="the uploaded photo")
+                avatar = self.engine.prepare_avatar(photo, preprocess)
                 with self._avatar_lock:
                     self.avatars[key] = avatar
                     while len(self.avatars) > self.config.max_avatars:
@@ -251,19 +245,16 @@ def _render_job(service: Service, form: dict, options, tmp: Path) -> Path:
     if len(wav) > service.config.max_audio_seconds * SAMPLE_RATE:
         raise Refusal(413, f"the audio is {len(wav) / SAMPLE_RATE:.1f} s; the limit is "
                            f"{service.config.max_audio_seconds:g} s.")
-    return service.head.write_video(avatar, wav, tmp / "talk.mp4", options, audio_name="the uploaded audio")
+    return service.engine.write_video(avatar, wav, tmp / "talk.mp4", options)
 
 
 async def _run_session(service: Service, ws, avatar, options) -> None:
-    """Three tasks joined by bounded queues: receive PCM, render (in a worker thread), send frames."""
+    """Three tasks joined by bounded queues: receive PCM, render (the engine's stream of frames), send frames."""
     from starlette.websockets import WebSocketDisconnect
-
-    from ..runtime.streaming import FrameStream
 
     cfg = service.config
     audio: asyncio.Queue = asyncio.Queue(cfg.audio_queue)
     frames: asyncio.Queue = asyncio.Queue(cfg.frame_queue)
-    stream = FrameStream(service.head, avatar, options)
     done = object()
     max_samples = int(cfg.max_audio_seconds * SAMPLE_RATE)
 
@@ -288,20 +279,15 @@ async def _run_session(service: Service, ws, avatar, options) -> None:
                 await audio.put(None)
                 return
 
-    def next_encoded(iterator):
-        frame = next(iterator, done)
-        return done if frame is done else service.encode(frame)
+    async def chunks():
+        while (chunk := await audio.get()) is not None:
+            yield chunk
 
     async def render():
-        while True:
-            chunk = await audio.get()
-            iterator = await asyncio.to_thread(stream.push if chunk is not None else stream.close,
-                                               *(() if chunk is None else (chunk,)))
-            while (encoded := await asyncio.to_thread(next_encoded, iterator)) is not done:
-                await frames.put(encoded)       # full queue: a slow client slows its own session only
-            if chunk is None or stream.ended:
-                await frames.put(done)
-                return
+        async with contextlib.aclosing(service.engine.stream(avatar, chunks(), options)) as stream:
+            async for frame in stream:
+                await frames.put(await asyncio.to_thread(service.encode, frame))   # full: slows this session only
+        await frames.put(done)
 
     async def send():
         count = 0

@@ -6,7 +6,8 @@ from .limits import ServeConfig, is_loopback
 
 
 def make_server(head, host: str = "127.0.0.1", port: int = 8000, config: ServeConfig = ServeConfig()):
-    """A ``uvicorn.Server`` for the application (``.run()`` blocks; ``should_exit = True`` stops it)."""
+    """A ``uvicorn.Server`` for the application (``.run()`` blocks; ``should_exit = True`` stops it); ``head`` is a
+    ``TalkingHead`` or an engine (``serving.engines``)."""
     import uvicorn
 
     from .app import create_app
