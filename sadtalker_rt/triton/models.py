@@ -311,8 +311,8 @@ class TalkingHeadModel:
                 sender.send(_error(f"no running stream {sequence} (it ended, failed or was idle over "
                                    f"{self.idle:.0f} s); start a new one"),
                             flags=_pb().TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-        if inbox is not None:
-            inbox.put((request, sender, ends))
+            if inbox is not None:         # under the lock: a stream that stops drains its inbox under it too
+                inbox.put((request, sender, ends))
 
     def _serve_sequence(self, sequence: int, inbox: queue.Queue) -> None:
         from ..runtime.streaming import FrameStream
@@ -346,9 +346,10 @@ class TalkingHeadModel:
         finally:
             with self.lock:
                 self.sequences.pop(sequence, None)
-            while not inbox.empty():         # chunks that arrived behind a failure hear why
-                _, sender, _ = inbox.get()
-                sender.send(_error(f"stream {sequence} has stopped"), flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                while not inbox.empty():     # chunks that arrived behind a failure hear why
+                    _, sender, _ = inbox.get()
+                    sender.send(_error(f"stream {sequence} has stopped"),
+                                flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
             self.slots.release()
             self.threads.discard(threading.current_thread())
 
