@@ -52,12 +52,15 @@ def grid_sample_note(version: str, device: str) -> str | None:
 
 
 class OnnxRuntimeRunner:
-    def __init__(self, stage_name: str, path: Path, providers: list[str], size: int | None = None):
+    def __init__(self, stage_name: str, path: Path, providers: list[str], size: int | None = None,
+                 intra_op_threads: int = 0):
+        """``intra_op_threads``: threads of one call (0: onnxruntime's choice, one per core)."""
         import onnxruntime as ort
 
         self.stage = STAGES[stage_name]
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = intra_op_threads
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as err:  # onnxruntime raises its own exception types per build
