@@ -52,13 +52,14 @@ def triton_repo(
     placement = Placement(kind or default_kind, ids, instances, glue_instances, threads)
     summary = write_repository(artifacts, output, stage_backend, engines, placement, avatar_store,
                                check=not no_check, overwrite=overwrite, max_batch=max_batch)
+    width = max(map(len, summary["models"])) + 2
     for name, model in summary["models"].items():
         batching = f"  dynamic batching, preferred {model['preferred_batch_size']}" if model.get("batched") else ""
         streaming = ("  decoupled, audio in chunks (a sequence per stream)" if model.get("chunked") else
                      "  decoupled, the whole audio per request" if model.get("decoupled") else "")
         check = summary["checks"].get(name)
         checked = f"  batched graph max diff {check:.1e}" if check is not None else ""
-        typer.echo(f"{name:<16}{model['how']:<18}{batching}{streaming}{checked}")
+        typer.echo(f"{name:<{width}}{model['how']:<18}{batching}{streaming}{checked}")
     typer.echo(f"wrote {output} (size {summary['size']}; avatars kept in {summary['avatar_store']})")
 
 
