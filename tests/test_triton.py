@@ -126,7 +126,7 @@ def _pcm16(wav: np.ndarray) -> np.ndarray:
 
 
 @needs_server
-def test_audio_in_chunks_over_one_grpc_stream_gives_the_offline_frames_as_soon_as_final(server, offline):
+def test_audio_in_chunks_over_one_grpc_stream_gives_the_offline_frames(server, offline):
     wav, offline_frames = offline
     client = _client(f"triton://{server.grpc_url}")
     avatar = client.prepare_avatar(media.demo_image())
@@ -140,8 +140,17 @@ def test_audio_in_chunks_over_one_grpc_stream_gives_the_offline_frames_as_soon_a
     for got, want in zip(streamed, offline_frames(pcm / np.float32(32768), options)):
         assert got.image.shape == want.shape
         assert np.abs(got.image.astype(int) - want).max() <= 1
-    # A longer utterance still open: its first frame arrives once final (its inputs need about 36 frames of audio),
-    # before the end is sent, and equals the offline first frame of the same audio. Closing cancels the rest.
+
+
+@needs_server
+@pytest.mark.heavy
+def test_a_frame_arrives_as_soon_as_final_while_the_stream_is_open(server, offline):
+    """The first frame of an open utterance arrives once final (its inputs need about 36 frames of audio), before
+    the end is sent, and equals the offline first frame of the same audio. Closing cancels the rest."""
+    wav, offline_frames = offline
+    client = _client(f"triton://{server.grpc_url}")
+    avatar = client.prepare_avatar(media.demo_image())
+    options = Options(batch_size=1, seed=3)
     long = _pcm16(wav[: 40 * SAMPLES_PER_FRAME])
     session = client.open_stream(avatar, options)
     try:

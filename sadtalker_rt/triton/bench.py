@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import threading
@@ -100,7 +101,7 @@ def run(url: str, image: Optional[Path], audio: Optional[Path], frames: int, lev
     if len(wav) < frames * SAMPLES_PER_FRAME:
         raise UsageError(f"the audio has fewer than {frames} frames ({len(wav) / SAMPLES_PER_FRAME:.0f}).")
     options = Options(batch_size=batch_size)
-    per_frame = [name for name, stage in STAGES.items() if batched(stage)]
+    per_frame = [name for name, stage in STAGES.items() if batched(stage) and client.has_model(name)]
     log(f"warm-up stream of {frames} frames")
     list(client.stream(avatar, wav, options))
     runs: dict[int, list[dict]] = {n: [] for n in levels}
@@ -122,7 +123,7 @@ def run(url: str, image: Optional[Path], audio: Optional[Path], frames: int, lev
                 raise UsageError(f"the server stopped answering during {n} streams "
                                  f"({runs[n][-1]['errors'][0]}); nothing more to measure.")
     results = [_summary(n, frames, runs[n], skipped[n]) for n in levels]
-    command = "sadtalker-rt " + " ".join(sys.argv[1:]) if sys.argv[1:] else "sadtalker_rt.triton.bench.run"
+    command = "sadtalker-rt " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "sadtalker_rt.triton.bench.run"
     return {"command": command, "url": url, "label": label, "rounds": rounds, "batch_size": batch_size,
             "host": {"machine": platform.machine(), "processor": platform.processor(), "cores": os.cpu_count()},
             "load_average": [round(min(loads), 2), round(max(loads), 2)], "repository": repository or {},

@@ -124,6 +124,12 @@ class TritonClient:
         except Exception:
             return False
 
+    def has_model(self, name: str) -> bool:
+        try:
+            return bool(self._client().is_model_ready(name))
+        except Exception:
+            return False
+
     def check_models(self) -> None:
         """ServingError unless the server answers and has the repository's glue models ready."""
         try:
