@@ -58,7 +58,7 @@ def triton_repo(
         streaming = ("  decoupled, audio in chunks (a sequence per stream)" if model.get("chunked") else
                      "  decoupled, the whole audio per request" if model.get("decoupled") else "")
         check = summary["checks"].get(name)
-        checked = f"  batched graph max diff {check:.1e}" if check is not None else ""
+        checked = f"  batched graph max rel. error {check:.1e}" if check is not None else ""
         typer.echo(f"{name:<{width}}{model['how']:<18}{batching}{streaming}{checked}")
     typer.echo(f"wrote {output} (size {summary['size']}; avatars kept in {summary['avatar_store']})")
 

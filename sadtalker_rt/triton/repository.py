@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from .. import parity
 from ..errors import UsageError, WeightsError
 from ..runtime.manifest import load_manifest, verified_path
 from ..stages import DEFAULT_PIPELINE, STAGES, Stage
@@ -143,9 +144,10 @@ def batched_graph(source: Path, stage: Stage, target: Path) -> None:
     onnx.save(model, str(target))
 
 
-def check_batched_graph(original: Path, batched: Path, stage: Stage, size: int, tolerance: float = 1e-5) -> float:
+def check_batched_graph(original: Path, batched: Path, stage: Stage, size: int) -> float:
     """Run two different per-avatar rows through the batched graph in one call and each alone through the
-    original: the rows must agree (worst absolute difference returned; WeightsError beyond ``tolerance``)."""
+    original: each row must agree within the stage's FP32 tolerance (``parity.judge``). Returns the worst
+    judged value; WeightsError names the output that does not agree."""
     import numpy as np
     import onnxruntime as ort
 
@@ -158,13 +160,19 @@ def check_batched_graph(original: Path, batched: Path, stage: Stage, size: int, 
             feeds[t.name] = (rng.standard_normal(shape) * (0.3 if t.kind == "keypoints" else 1.0)).astype(t.dtype)
         rows.append(feeds)
     providers = ["CPUExecutionProvider"]
-    alone = [ort.InferenceSession(str(original), providers=providers).run(None, r) for r in rows]
+    names = [t.name for t in stage.outputs]
+    alone = [ort.InferenceSession(str(original), providers=providers).run(names, r) for r in rows]
     together = ort.InferenceSession(str(batched), providers=providers).run(
-        None, {n: np.concatenate([r[n] for r in rows]) for n in rows[0]})
-    worst = max(float(np.abs(together[i][k:k + 1] - alone[k][i]).max()) for i in range(len(together))
-                for k in range(2))
-    if not worst <= tolerance:
-        raise WeightsError(f"the batched {stage.name} graph differs from one avatar at a time by {worst:.2e}.")
+        names, {n: np.concatenate([r[n] for r in rows]) for n in rows[0]})
+    worst = 0.0
+    for i, name in enumerate(names):
+        for k in range(2):
+            verdict = parity.judge(f"{stage.name}.{name}[{k}]", together[i][k:k + 1], alone[k][i],
+                                   stage.tolerance("fp32", name))
+            if not verdict:
+                raise WeightsError(f"the batched {stage.name} graph differs from one avatar at a time: "
+                                   f"{verdict.name} {verdict.problem}.")
+            worst = max(worst, verdict.value)
     return worst
 
 
