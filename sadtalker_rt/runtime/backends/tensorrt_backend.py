@@ -168,6 +168,8 @@ class TensorRTRunner:
 class CudaExecutor:
     """The ``FramePipeline`` executor for TensorRT runners: launches, events and copies on CUDA streams."""
 
+    enhance_in_worker = False       # the renderer's next batch runs on its streams while the host enhances
+
     def __init__(self, runner: Callable[[str], TensorRTRunner], cuda: Cuda):
         self._runner = runner
         self.cuda = cuda
