@@ -223,6 +223,12 @@ class TensorRTBackend:
         self.notes = [f"TensorRT {self.platform['trt_version']} engines ({self.record.get('precision')}) on "
                       f"{self.platform['gpu_name']}"]
 
+    @property
+    def manifest(self) -> dict:
+        """``engines.json``: an entry per stage under "stages", as a graph folder's manifest has (with the files a
+        stage reads besides its engine, e.g. the enhancer's fixed noise)."""
+        return self.record
+
     def runner(self, stage: str) -> TensorRTRunner:
         if stage not in self._runners:
             entry = self.record["stages"].get(stage)
