@@ -24,10 +24,11 @@ FACE = ENHANCER_FACE
 
 
 # -- engine parity: faces by PSNR in FP16, class maps by agreement, as export validation judges them -----------
-def _graph(stage: str, path: Path, outliers: int = 0, offset: float = 0.0, flips: int = 0) -> Path:
+def _graph(stage: str, path: Path, outliers: int = 0, offset: float = 0.0, flips: int = 0, lift: float = 0.0) -> Path:
     """A graph with the stage's names: ``enhancer`` scales the face (plus ``offset`` everywhere and 0.08 at
-    ``outliers`` pixels: an engine's FP16 rounding), ``face_parse`` takes the argmax of a 1x1 convolution (with
-    ``flips`` pixels' classes changed: near-ties that fell the other way)."""
+    ``outliers`` pixels: an engine's FP16 rounding; ``lift`` added and taken away again, exact in float32 and
+    coarse in float16), ``face_parse`` takes the argmax of a 1x1 convolution (with ``flips`` pixels' classes
+    changed: near-ties that fell the other way)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -40,9 +41,10 @@ def _graph(stage: str, path: Path, outliers: int = 0, offset: float = 0.0, flips
     if stage == "enhancer":
         delta = np.full((1, 3, FACE, FACE), offset, np.float32)
         delta.reshape(-1)[np.linspace(0, delta.size - 1, outliers).astype(int) if outliers else []] += 0.08
-        nodes = [helper.make_node("Mul", ["face", "half"], ["scaled"]), helper.make_node("Add", ["scaled", "delta"],
-                                                                                          ["image"])]
-        inits = [numpy_helper.from_array(np.float32(0.5).reshape(()), "half"), numpy_helper.from_array(delta, "delta")]
+        nodes = [helper.make_node("Mul", ["face", "half"], ["scaled"]), helper.make_node("Add", ["scaled", "lift"], ["up"]),
+                 helper.make_node("Sub", ["up", "lift"], ["down"]), helper.make_node("Add", ["down", "delta"], ["image"])]
+        inits = [numpy_helper.from_array(np.float32(0.5).reshape(()), "half"), numpy_helper.from_array(delta, "delta"),
+                 numpy_helper.from_array(np.float32(lift).reshape(()), "lift")]
     else:
         weights = np.random.default_rng(0).standard_normal((19, 3, 1, 1)).astype(np.float32)
         change = np.zeros((1, FACE, FACE), np.int64)
