@@ -124,9 +124,11 @@ def test_worker_thread_gives_the_sequential_frames_in_order(real_head, avatar, m
     assert not workers()
 
 
-def test_worker_enhances_batch_k_while_batch_k_plus_1_renders(real_head, avatar, motion):
+@pytest.mark.parametrize("in_worker, ahead", [(True, None), (False, True)])
+def test_worker_enhances_batch_k_while_batch_k_plus_1_renders(real_head, avatar, motion, in_worker, ahead):
     """The enhancement of batch 0 waits until batch 1's renderer call has started: sequentially this would wait
-    forever (here: fail after the timeout); with the worker it returns at once."""
+    forever (here: fail after the timeout); with the worker it returns at once. The executor chooses, unless
+    ``TalkingHead.enhance_ahead`` says otherwise (CPU backends default to sequential: measured slower)."""
     rendering = threading.Event()
     waited = []
 
@@ -139,7 +141,8 @@ def test_worker_enhances_batch_k_while_batch_k_plus_1_renders(real_head, avatar,
             waited.append(rendering.wait(timeout=20))
 
     log: list = []
-    head = head_for(real_head, log, in_worker=True, networks=Networks(log, on_call=on_call), on_render=on_render)
+    head = head_for(real_head, log, in_worker, networks=Networks(log, on_call=on_call), on_render=on_render)
+    head.enhance_ahead = ahead
     frames = list(head.render(avatar, motion, OPTIONS))
     assert len(frames) == 5 and waited == [True], "batch 0 was not enhanced while batch 1 rendered"
 
@@ -175,6 +178,10 @@ def test_a_consumer_that_stops_early_leaves_no_thread(real_head, avatar, motion)
     assert next(frames).index == 0
     frames.close()
     assert not workers()
+
+
+def test_host_backends_enhance_in_sequence_by_default():
+    assert SerialExecutor(lambda stage: None).enhance_in_worker is False
 
 
 def test_one_batch_ahead_keeps_order_and_bounds_the_work_in_flight():

@@ -58,7 +58,10 @@ class Executor(Protocol):
 class SerialExecutor:
     """Runs each launch at once through a backend's runners (torch, onnxruntime): nothing to overlap."""
 
-    enhance_in_worker = True
+    # Measured on 2 cores (benchmarks/results/cpu-enhancer-overlap.json): the worker thread made onnxruntime renders
+    # with the enhancer 0.88x as fast (both sessions compete for the same cores), so host backends stay sequential;
+    # ``TalkingHead.enhance_ahead = True`` turns it on where cores are to spare.
+    enhance_in_worker = False
 
     def __init__(self, runner: Callable[[str], object]):
         self._runner = runner
