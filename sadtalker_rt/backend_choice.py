@@ -124,35 +124,34 @@ class BackendChoice:
 
     def open_enhancer(self, head, enhancer_weights, progress=None) -> None:
         """Give ``head`` its face enhancer on the same backend as its renderer: the torch modules, or the
-        enhancer graphs (from the ``--graphs`` folder when it has them, else exported once and cached) run by
-        onnxruntime or, built into engines, by TensorRT. ``enhancer_weights`` may be None only with a
-        ``--graphs`` folder that holds the enhancer."""
-        from .runtime.enhancer import FaceEnhancer, enhancer_on_graphs, load_fixed_noise
+        enhancer's graphs run by onnxruntime or their engines run by TensorRT, from the ``--graphs``/``--engines``
+        folder when it holds them, else exported (and built) once and cached. ``enhancer_weights`` may be None only
+        with a folder that holds the enhancer."""
+        from .runtime.enhancer import enhancer_on_graphs
 
         device = self.device or ("cuda" if self.backend == "tensorrt" else "cpu")
         if self.backend == "torch":
             head.enable_enhancer(enhancer_weights, device=device)
             return
-        own = getattr(head.backend, "manifest", {}).get("stages", {})
-        if self.backend == "onnxruntime" and "enhancer" in own:
+        folder = self.graphs if self.backend == "onnxruntime" else self.engines
+        if folder is not None and "enhancer" in head.backend.manifest.get("stages", {}):
             if enhancer_weights is not None:
-                raise UsageError(f"{self.graphs} holds the enhancer's graphs; leave out --enhancer-weights.")
+                raise UsageError(f"{folder} holds the enhancer's {'graphs' if self.backend == 'onnxruntime' else 'engines'}"
+                                 "; leave out --enhancer-weights.")
             head.enhancer = enhancer_on_graphs(head.backend)
             return
         if enhancer_weights is None:
-            raise UsageError(f"{self.graphs or self.engines} has no enhancer graphs: give --enhancer-weights, or export "
-                        "the folder with --enhancer gfpgan.")
+            raise UsageError(f"{folder} has no enhancer {'graphs' if self.backend == 'onnxruntime' else 'engines'}: "
+                             "give --enhancer-weights, or export the folder with --enhancer gfpgan.")
         from .build import cache
         from .runtime.backends import open_backend
-        from .runtime.manifest import load_manifest
 
         graphs = cache.enhancer_graphs_for(enhancer_weights, head.backend.precision or "fp32", progress)
         if self.backend == "onnxruntime":
             head.enhancer = enhancer_on_graphs(open_backend("onnxruntime", engines=graphs, device=device))
             return
-        manifest = load_manifest(graphs)
-        engines = open_backend("tensorrt", engines=cache.engines_for(graphs, progress))
-        head.enhancer = FaceEnhancer(engines, load_fixed_noise(graphs, manifest), parse="face_parse" in manifest["stages"])
+        engines = cache.engines_for(graphs, progress)        # the enhancer's fixed noise is carried into the folder
+        head.enhancer = enhancer_on_graphs(open_backend("tensorrt", engines=engines, cuda_graphs=self.cuda_graphs))
 
     def _cached_artifacts(self, weights, size: int, precision: str, progress) -> Path:
         from .build import cache

@@ -132,7 +132,7 @@ def run(
     bars = StageBars(None if not quiet else False)
     head = choice.open(TalkingHead, checkpoints, synthetic_weights, size, old_version, bars)
     if enhancer is not None:
-        from_folder = graphs is not None and enhancer_weights is None and checkpoints is None
+        from_folder = (graphs or engines) is not None and enhancer_weights is None and checkpoints is None
         extra = None if from_folder else find_enhancer_weights(enhancer, enhancer_weights, checkpoints,
                                                                synthetic_weights)
         choice.open_enhancer(head, extra, bars)

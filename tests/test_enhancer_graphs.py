@@ -60,6 +60,7 @@ class _GraphBackend:
     def __init__(self, directory, stages):
         self.directory = directory
         self.manifest = {"stages": stages}
+        self.name = "onnxruntime"
 
 
 def _noise_folder(tmp_path):

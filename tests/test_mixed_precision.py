@@ -11,9 +11,11 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -295,6 +297,67 @@ def test_shared_constants_get_a_float16_copy():
     x = np.arange(4, dtype=np.float32)
     y = ort.InferenceSession(mixed.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_allclose(y, (x + 1.5) * 0.5, rtol=1e-3)
+
+
+def test_calibration_reduces_in_the_graph_to_each_tensors_max(exported):
+    """The ranges equal max |x| of every intermediate tensor exposed as an output, while the calibration graph
+    itself outputs only scalars (its memory is one inference's, whatever the activations' size)."""
+    import onnx
+    import onnxruntime as ort
+
+    from sadtalker_rt.build.export.mixed_precision import _index, _reduction_probe
+
+    model, ranges, _, _ = exported
+    g = _index(model)
+    names = [t for node in g.nodes if node.op_type != "Constant" for t in node.output if g.is_float(t)]
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    del exposed.graph.output[:]
+    exposed.graph.output.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None) for t in names)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC      # as calibration runs
+    session = ort.InferenceSession(exposed.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    expected = {}
+    for feed in (_feeds(1), _feeds(2, batch=3)):
+        for name, value in zip(names, session.run(names, feed)):
+            expected[name] = max(expected.get(name, 0.0), float(np.abs(value).max()))
+    assert len(names) > 20 and {n: ranges[n] for n in names} == expected
+    probe, outputs = _reduction_probe(model, names)
+    shapes = [o.shape for o in ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+              .get_outputs()]
+    assert len(outputs) == 2 * len(names) and all(shape == [] for shape in shapes)
+
+
+CHAIN_PROBE = """
+import resource, sys
+import numpy as np
+from onnx import TensorProto, helper, numpy_helper
+from sadtalker_rt.build.export.mixed_precision import measure_activation_ranges
+nodes, weights, previous = [], [], "x"
+for i in range(40):            # 80 activations of 16 MiB each: 1.25 GiB if all were kept
+    weights.append(numpy_helper.from_array(np.full((16, 16, 3, 3), 0.02, np.float32), f"w{i}"))
+    nodes += [helper.make_node("Conv", [previous, f"w{i}"], [f"c{i}"], pads=[1, 1, 1, 1]),
+              helper.make_node("Relu", [f"c{i}"], [f"r{i}"])]
+    previous = f"r{i}"
+io = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, 16, 512, 512])
+model = helper.make_model(helper.make_graph(nodes, "chain", [io("x")], [io(previous)], weights),
+                          opset_imports=[helper.make_opsetid("", 20)])
+feed = {"x": np.random.default_rng(0).standard_normal((1, 16, 512, 512)).astype(np.float32)}
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+ranges = measure_activation_ranges(model, [feed])
+assert len(ranges) == 81, len(ranges)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+"""
+
+
+def test_calibration_memory_is_one_inferences_not_every_activations():
+    """The enhancer's FP16 export ran out of memory calibrating: its activations at 512 x 512 were all alive at
+    once. Calibrating a chain whose activations add up to 1.25 GiB must stay far below that."""
+    out = subprocess.run([sys.executable, "-c", CHAIN_PROBE], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert out.returncode == 0, out.stderr[-2000:]
+    growth_mib = float(out.stdout.split()[-1])
+    assert growth_mib < 300, f"calibration grew the peak memory by {growth_mib:.0f} MiB"
 
 
 def test_measure_flags_non_finite_tensors():

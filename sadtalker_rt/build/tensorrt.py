@@ -120,10 +120,28 @@ def run_builds(manifest: dict, onnx_dir: Path, out_dir: Path, platform: dict, bu
                 item.key, file, hashlib.sha256(data).hexdigest(), built_because=item.reason,
                 build_seconds=seconds, **extra)
             result.built[item.stage] = item.reason
+        _carry_side_files(manifest["stages"][item.stage], Path(onnx_dir), out_dir, record["stages"][item.stage])
         write_atomic(out_dir / ENGINES_JSON, json.dumps(record, indent=2).encode())
     if progress:
         progress("engines", len(planned), len(planned))
     return result
+
+
+SIDE_FILES = ("fixed_noise",)     # manifest fields naming files a stage's runtime reads beside its graph
+
+
+def _carry_side_files(graph_entry: dict, onnx_dir: Path, out_dir: Path, engine_entry: dict) -> None:
+    """Copy the files a stage needs at run time besides its engine (the enhancer's fixed decoder noise) from the
+    graph folder, checked against the manifest's sha256, so an engine folder runs on its own."""
+    for field_name in SIDE_FILES:
+        side = graph_entry.get(field_name)
+        if not side:
+            continue
+        source = Path(onnx_dir) / side["file"]
+        if not source.is_file() or sha256_of(source) != side["sha256"]:
+            raise WeightsError(f"{source} is missing or does not match the sha256 in {onnx_dir / MANIFEST}.")
+        write_atomic(out_dir / side["file"], source.read_bytes())
+        engine_entry[field_name] = dict(side)
 
 
 def installed_trt_version() -> str | None:

@@ -53,12 +53,15 @@ def load_fixed_noise(directory: Path, manifest: dict) -> Optional[list[np.ndarra
 
 
 def enhancer_on_graphs(backend) -> "FaceEnhancer":
-    """A FaceEnhancer on a graph backend (onnxruntime) whose folder holds the enhancer stages; the parsing
-    mask is used when the folder has ``face_parse`` too."""
+    """A FaceEnhancer on a folder backend whose folder holds the enhancer stages: onnxruntime graphs or TensorRT
+    engines built from them (either folder's record lists its stages); the parsing mask is used when the folder
+    has ``face_parse`` too."""
     stages = backend.manifest.get("stages", {})
     if "enhancer" not in stages:
-        raise WeightsError(f"{backend.directory} has no enhancer graph; export it with `sadtalker-rt export "
-                           "--enhancer gfpgan` (or leave out --graphs to use the cache).")
+        made = "export it with `sadtalker-rt export --enhancer gfpgan`" if backend.name == "onnxruntime" else \
+            "build the engines from graphs exported with `sadtalker-rt export --enhancer gfpgan`"
+        raise WeightsError(f"{backend.directory} has no enhancer {'graph' if backend.name == 'onnxruntime' else 'engine'}"
+                           f"; {made} (or leave out --graphs/--engines to use the cache).")
     return FaceEnhancer(backend, load_fixed_noise(backend.directory, backend.manifest), parse="face_parse" in stages)
 
 

@@ -115,6 +115,8 @@ class TalkingHead:
         self.backend = backend
         self.size = size
         self.enhancer = enhancer           # sadtalker_rt.enhancer.FaceEnhancer, for Options(enhancer="gfpgan")
+        # Enhance batch k in a worker thread while batch k + 1 renders; None: the executor's choice.
+        self.enhance_ahead: Optional[bool] = None
 
     @classmethod
     def from_weights(cls, weights, size: int = 256, device: str = "cpu", precision: str = "fp32",
@@ -265,7 +267,7 @@ class TalkingHead:
                progress: Progress = _noop) -> Iterator[Frame]:
         from .coeffs import target_windows
         from .compose import Compositor
-        from .scheduler import FramePipeline
+        from .scheduler import FramePipeline, one_batch_ahead
 
         targets = target_windows(motion.coeffs.astype(np.float32), avatar.source_coeffs, full=is_full(avatar.preprocess),
                                  still=options.still, expression_scale=options.expression_scale)
@@ -276,25 +278,40 @@ class TalkingHead:
         if view.active:         # given head angles: the free-view mapping stage takes them per frame
             angles, angle_given = view.angles(motion.frames)
             features, per_frame = {**avatar.features, "angle_given": angle_given}, {"angles": angles}
-        pipeline = FramePipeline(self.backend.executor(), features, self.size, options.batch_size,
+        executor = self.backend.executor()
+        pipeline = FramePipeline(executor, features, self.size, options.batch_size,
                                  mapping=mapping_stage(avatar.preprocess, free_view=view.active))
-        total = motion.frames
-        pending: list[tuple[int, np.ndarray]] = []
-        for index, chw in pipeline.frames(targets, per_frame):
+        batches = self._rendered_batches(pipeline.frames(targets, per_frame), compositor, options.batch_size,
+                                         motion.frames, progress)
+        if enhance is None:
+            for batch in batches:
+                yield from batch
+            return
+
+        def enhanced(batch: list[Frame]) -> list[Frame]:
+            indices = [f.index for f in batch]
+            images = enhance([f.image for f in batch], indices, options.enhancer_noise, options.seed)
+            return [Frame(i, i / FPS, image) for i, image in zip(indices, images)]
+
+        # Batch k is enhanced while batch k + 1 renders: on a GPU backend the renderer's launches of k + 1 are
+        # already on its streams when the frames of k arrive here; on host backends a worker thread enhances.
+        ahead = self.enhance_ahead if self.enhance_ahead is not None else executor.enhance_in_worker
+        results = one_batch_ahead(batches, enhanced) if ahead else map(enhanced, batches)
+        for batch in results:
+            yield from batch
+
+    @staticmethod
+    def _rendered_batches(frames, compositor, batch_size: int, total: int, progress: Progress
+                          ) -> Iterator[list[Frame]]:
+        """The composited frames of each renderer batch, as soon as the batch's last frame is converted."""
+        batch: list[Frame] = []
+        for index, chw in frames:
             # chw is a view into a reused host buffer: convert it before the next frame.
-            image = compositor(to_uint8(chw))
-            if enhance is None:
-                yield Frame(index, index / FPS, image)
-            else:       # frames go straight from the renderer through the enhancer, a batch at a time
-                pending.append((index, image))
-                if len(pending) == options.batch_size or index + 1 == total:
-                    indices = [i for i, _ in pending]
-                    for i, enhanced in zip(indices, enhance([im for _, im in pending], indices,
-                                                            options.enhancer_noise, options.seed)):
-                        yield Frame(i, i / FPS, enhanced)
-                    pending.clear()
-            if (index + 1) % options.batch_size == 0 or index + 1 == total:
+            batch.append(Frame(index, index / FPS, compositor(to_uint8(chw))))
+            if len(batch) == batch_size or index + 1 == total:
                 progress("render", index + 1, total)
+                yield batch
+                batch = []
 
     def _enhancer_for(self, avatar: Avatar, compositor, options: Options):
         if options.enhancer is None:

@@ -17,7 +17,8 @@ Pure Python and numpy.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator, Protocol
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable, Iterable, Iterator, Protocol, TypeVar
 
 import numpy as np
 
@@ -25,9 +26,15 @@ from ..stages import STAGES
 
 DEVICE_SLOTS = 2        # output slots per stage: batch k writes slot k % 2 while slot (k - 1) % 2 is read
 PER_FRAME_MAPPING_INPUTS = ("angles",)   # besides the semantics windows: one row per frame, sliced per batch
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 class Executor(Protocol):
+    # Whether the pipeline enhances batch k in a worker thread while batch k + 1 renders (host backends), or
+    # on the calling thread while the renderer's launches of k + 1 run on the device's streams.
+    enhance_in_worker: bool
+
     def make_stream(self) -> object: ...
 
     def launch(self, stage: str, feeds: dict[str, object], stream: object, slot: int) -> dict[str, object]:
@@ -50,6 +57,11 @@ class Executor(Protocol):
 
 class SerialExecutor:
     """Runs each launch at once through a backend's runners (torch, onnxruntime): nothing to overlap."""
+
+    # Measured on 2 cores (benchmarks/results/cpu-enhancer-overlap.json): the worker thread made onnxruntime renders
+    # with the enhancer 0.88x as fast (both sessions compete for the same cores), so host backends stay sequential;
+    # ``TalkingHead.enhance_ahead = True`` turns it on where cores are to spare.
+    enhance_in_worker = False
 
     def __init__(self, runner: Callable[[str], object]):
         self._runner = runner
@@ -177,3 +189,40 @@ class FramePipeline:
             for pending in (map_done, render_done, copy_done):
                 if pending:
                     ex.synchronize(pending[max(pending)])
+
+
+def one_batch_ahead(batches: Iterable[T], work: Callable[[T], R]) -> Iterator[R]:
+    """``work(batch)`` for each batch, in order, in one worker thread while the calling thread produces the
+    next batch: work(k) overlaps producing k + 1 (and consuming k - 1). At most one batch is in the worker.
+
+    For host backends whose calls release the GIL (onnxruntime, torch, OpenCV). Errors come out where the
+    sequential ``map(work, batches)`` would raise them: a failed producer after the result of the batch before
+    it. When the consumer stops early or an error is raised, the worker finishes its batch and is joined before
+    this generator exits, and ``batches`` is closed: no thread outlives the generator.
+    """
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sadtalker-rt-ahead")
+    produced = iter(batches)
+    pending: Future | None = None
+    try:
+        while True:
+            try:
+                batch = next(produced)          # producing batch k here overlaps work(k - 1) in the worker
+            except StopIteration:
+                break
+            except Exception:
+                if pending is not None:
+                    last, pending = pending.result(), None
+                    yield last
+                raise
+            done = pending.result() if pending is not None else None
+            first, pending = pending is None, pool.submit(work, batch)
+            if not first:
+                yield done
+        if pending is not None:
+            last, pending = pending.result(), None
+            yield last
+    finally:
+        pool.shutdown(wait=True)                # a running work(k) ends before the generator does
+        close = getattr(produced, "close", None)
+        if close is not None:
+            close()

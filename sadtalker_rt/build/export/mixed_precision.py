@@ -5,7 +5,7 @@ so an "FP16 engine" is built from a mixed-precision graph, and that graph can be
 onnxruntime. Three plain functions make it:
 
 1. ``measure_activation_ranges``: run the FP32 graph on calibration feeds with every intermediate float
-   tensor exposed as an output, and record max |x| per tensor (inf where a value is not finite).
+   tensor reduced in the graph to its max |x| (inf where a value is not finite), and record it per tensor.
 2. ``choose_fp32_islands``: the nodes that stay FP32, each with its reason: the policy below, the
    published recipe (a node whose output exceeds ``threshold`` on calibration data stays FP32), and any
    node with an input that float16 cannot represent at all (|x| > 65504).
@@ -194,16 +194,15 @@ def _formal_type(params, slot: int) -> str | None:
 
 # --- calibration -------------------------------------------------------------------------------------------
 
-def measure_activation_ranges(model, feeds: list[dict[str, np.ndarray]],
-                              tensors_per_run: int = 256, bytes_per_run: int = 1 << 30) -> dict[str, float]:
+def measure_activation_ranges(model, feeds: list[dict[str, np.ndarray]]) -> dict[str, float]:
     """Max |x| of every float graph input and node output over the calibration feeds, in FP32.
 
-    The graph is run in onnxruntime (CPU) on a copy whose outputs are the intermediate tensors, at most
-    ``tensors_per_run`` of them and about ``bytes_per_run`` of their float32 values per session so that memory
-    stays bounded on large graphs (the enhancer's 512 x 512 activations at 64 channels are 64 MiB each a face).
-    A tensor with non-finite values gets ``inf`` and a warning names it.
+    The graph is run in onnxruntime (CPU) once per feed on a copy that reduces each intermediate tensor in the
+    graph to two scalars, max |x| and sum(x * 0) (NaN when any value is infinite or NaN), and outputs only
+    those: memory stays that of one inference, however large the activations (exposing the enhancer's
+    512 x 512 activations as outputs held gigabytes). A tensor with non-finite values gets ``inf`` and a
+    warning names it.
     """
-    import onnx
     import onnxruntime as ort
 
     g = _index(model)
@@ -212,21 +211,22 @@ def measure_activation_ranges(model, feeds: list[dict[str, np.ndarray]],
         for name, value in feed.items():
             if g.is_float(name):
                 _record(ranges, name, value)
-    names = [t for j, node in enumerate(g.nodes) if node.op_type != "Constant"
-             for t in node.output if g.is_float(t)]
+    names = [t for node in g.nodes if node.op_type != "Constant" for t in node.output if g.is_float(t)]
+    probe, outputs = _reduction_probe(model, names)
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    batch = max((v.shape[0] for feed in feeds for v in feed.values() if np.ndim(v)), default=1)
-    for chunk in _chunks(names, [_bytes(g.shapes.get(t), batch) for t in names], tensors_per_run, bytes_per_run):
-        probe = _copy(model)
-        del probe.graph.value_info[:]
-        del probe.graph.output[:]
-        probe.graph.output.extend(onnx.helper.make_tensor_value_info(t, FLOAT, None) for t in chunk)
-        session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        for feed in feeds:
-            for name, value in zip(chunk, session.run(chunk, feed)):
-                _record(ranges, name, value)
+    # onnxruntime's default order runs the reductions after the whole graph, keeping every activation alive
+    # (measured: a 40-layer chain of 16 MiB activations peaked 1.3 GiB higher); by priority each runs as soon as
+    # its tensor exists (15 MiB).
+    options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    del probe
+    for feed in feeds:
+        values = dict(zip(outputs, session.run(outputs, feed)))
+        for name in names:
+            peak, poison = float(values[f"{name}__peak"]), float(values[f"{name}__finite"])
+            ranges[name] = max(ranges.get(name, 0.0), peak if math.isfinite(poison) else math.inf)
     bad = sorted(t for t, v in ranges.items() if not math.isfinite(v))
     if bad:
         warnings.warn(f"{len(bad)} tensors are not finite in FP32 on the calibration feeds: {', '.join(bad[:8])}",
@@ -234,23 +234,34 @@ def measure_activation_ranges(model, feeds: list[dict[str, np.ndarray]],
     return ranges
 
 
-def _bytes(shape: tuple | None, batch: int) -> int:
-    """float32 bytes of a tensor whose unknown dimensions are taken as ``batch`` (a guess; 0 when unknown)."""
-    if not shape:
-        return 0
-    return 4 * math.prod(batch if d is None else d for d in shape)
+def _reduction_probe(model, names: list[str]):
+    """A copy of ``model`` whose outputs are ``NAME__peak`` (max |x|) and ``NAME__finite`` (sum(x * 0)) for each
+    tensor NAME, the reductions placed right after their producers so each activation can be freed early."""
+    import onnx
+    from onnx import helper
 
-
-def _chunks(names: list[str], sizes: list[int], most: int, budget: int) -> list[list[str]]:
-    chunks: list[list[str]] = [[]]
-    used = 0
-    for name, size in zip(names, sizes):
-        if chunks[-1] and (len(chunks[-1]) >= most or used + size > budget):
-            chunks.append([])
-            used = 0
-        chunks[-1].append(name)
-        used += size
-    return [c for c in chunks if c]
+    probe = _copy(model)
+    graph = probe.graph
+    wanted = set(names)
+    zero = "calibration__zero"
+    graph.initializer.append(onnx.numpy_helper.from_array(np.zeros((), np.float32), zero))
+    nodes, outputs = [], []
+    for node in graph.node:
+        nodes.append(node)
+        for t in node.output:
+            if t not in wanted:
+                continue
+            nodes += [helper.make_node("Abs", [t], [f"{t}__abs"]),
+                      helper.make_node("ReduceMax", [f"{t}__abs"], [f"{t}__peak"], keepdims=0),
+                      helper.make_node("Mul", [t, zero], [f"{t}__zeroed"]),
+                      helper.make_node("ReduceSum", [f"{t}__zeroed"], [f"{t}__finite"], keepdims=0)]
+            outputs += [f"{t}__peak", f"{t}__finite"]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del graph.value_info[:]
+    del graph.output[:]
+    graph.output.extend(helper.make_tensor_value_info(t, FLOAT, None) for t in outputs)
+    return probe, outputs
 
 
 def _record(ranges: dict[str, float], name: str, value: np.ndarray) -> None:

@@ -168,6 +168,8 @@ class TensorRTRunner:
 class CudaExecutor:
     """The ``FramePipeline`` executor for TensorRT runners: launches, events and copies on CUDA streams."""
 
+    enhance_in_worker = False       # the renderer's next batch runs on its streams while the host enhances
+
     def __init__(self, runner: Callable[[str], TensorRTRunner], cuda: Cuda):
         self._runner = runner
         self.cuda = cuda
@@ -220,6 +222,12 @@ class TensorRTBackend:
         self._runners: dict[str, TensorRTRunner] = {}
         self.notes = [f"TensorRT {self.platform['trt_version']} engines ({self.record.get('precision')}) on "
                       f"{self.platform['gpu_name']}"]
+
+    @property
+    def manifest(self) -> dict:
+        """``engines.json``: an entry per stage under "stages", as a graph folder's manifest has (with the files a
+        stage reads besides its engine, e.g. the enhancer's fixed noise)."""
+        return self.record
 
     def runner(self, stage: str) -> TensorRTRunner:
         if stage not in self._runners:

@@ -31,7 +31,10 @@ class TorchRunner:
         cached = self._resident.get(name)
         if cached is not None and cached[0] is array:
             return cached[1]
-        tensor = torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
+        contiguous = np.ascontiguousarray(array)
+        if not contiguous.flags.writeable:      # e.g. the enhancer's fixed noise, broadcast: torch warns on these
+            contiguous = contiguous.copy()
+        tensor = torch.from_numpy(contiguous).to(self.device)
         if self.stage.input(name).shape[0] == 1 and self.device.type != "cpu":
             self._resident[name] = (array, tensor)
         return tensor
