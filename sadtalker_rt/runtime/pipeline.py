@@ -270,7 +270,7 @@ class TalkingHead:
         targets = target_windows(motion.coeffs.astype(np.float32), avatar.source_coeffs, full=is_full(avatar.preprocess),
                                  still=options.still, expression_scale=options.expression_scale)
         compositor = Compositor(avatar)
-        enhance = self._enhancer_for(avatar, compositor, options)
+        enhance = self.frame_enhancer(avatar, compositor, options)
         view = options.free_view()
         features, per_frame = avatar.features, None
         if view.active:         # given head angles: the free-view mapping stage takes them per frame
@@ -289,24 +289,29 @@ class TalkingHead:
                 pending.append((index, image))
                 if len(pending) == options.batch_size or index + 1 == total:
                     indices = [i for i, _ in pending]
-                    for i, enhanced in zip(indices, enhance([im for _, im in pending], indices,
-                                                            options.enhancer_noise, options.seed)):
+                    for i, enhanced in zip(indices, enhance([im for _, im in pending], indices)):
                         yield Frame(i, i / FPS, enhanced)
                     pending.clear()
             if (index + 1) % options.batch_size == 0 or index + 1 == total:
                 progress("render", index + 1, total)
 
-    def _enhancer_for(self, avatar: Avatar, compositor, options: Options):
+    def frame_enhancer(self, avatar: Avatar, compositor, options: Options
+                       ) -> Optional[Callable[[list, list], list]]:
+        """``enhance(images, indices)`` for one video (its own alignment: frames in order, in batches of
+        ``options.batch_size``), or None without ``options.enhancer``."""
         if options.enhancer is None:
             return None
         if self.enhancer is None:
             raise UsageError("--enhancer gfpgan needs the enhancer's weights (GFPGANv1.4.pth) or --synthetic-weights; "
                              "this TalkingHead was made without them.")
         if options.enhancer_points == "track" and avatar.face_landmarks is not None:
-            self.enhancer.track_from(compositor.map_points(avatar.face_landmarks))
+            alignment = self.enhancer.tracking(compositor.map_points(avatar.face_landmarks))
         else:
-            self.enhancer.set_points(compositor.map_points(avatar.face_points))
-        return self.enhancer
+            alignment = self.enhancer.fixed(compositor.map_points(avatar.face_points))
+
+        def enhance(images: list, indices: list) -> list:
+            return self.enhancer(images, indices, options.enhancer_noise, options.seed, alignment=alignment)
+        return enhance
 
     def generate(self, avatar: Avatar, audio: AudioLike, options: Options = Options(),
                  progress: Progress = _noop) -> Iterator[Frame]:
