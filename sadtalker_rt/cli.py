@@ -370,6 +370,10 @@ def serve(
     max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", help="largest upload (photo, audio, request)"),
     max_audio_seconds: float = typer.Option(120.0, "--max-audio-seconds", help="longest audio per session or job"),
     batch_size: int = typer.Option(1, "--batch-size", help="frames per renderer call"),
+    enhancer: Optional[str] = typer.Option(None, "--enhancer", help="gfpgan: load the face enhancer so sessions "
+                                           "and jobs may ask for it (enhancer=gfpgan)"),
+    enhancer_weights: Optional[Path] = typer.Option(None, "--enhancer-weights", help="GFPGANv1.4.pth, or the folder "
+                                                    "with it and parsing_parsenet.pth"),
 ) -> None:
     """Serve the web page, streaming websocket sessions and whole-file jobs (needs the 'serve' extra)."""
     try:
@@ -383,26 +387,45 @@ def serve(
         raise UsageError("--max-sessions, --batch-size, --max-upload-mb and --max-audio-seconds must be positive.")
     config = ServeConfig(token=token, max_sessions=max_sessions, max_upload_bytes=int(max_upload_mb * 2**20),
                          max_audio_seconds=max_audio_seconds, batch_size=batch_size)
+    from .runtime.enhancer import check_enhancer
+
+    check_enhancer(enhancer, "fixed")
     weights = weight_source(checkpoints, synthetic_weights, size)
+    extra = find_enhancer_weights(enhancer, enhancer_weights, checkpoints, synthetic_weights)
     if weights.synthetic:
         typer.echo(f"note: {weights.describe()}.", err=True)
-    server = make_server(TalkingHead.from_weights(weights, size=size, device=device), host, port, config)
+    head = TalkingHead.from_weights(weights, size=size, device=device, enhancer_weights=extra)
+    server = make_server(head, host, port, config)
     typer.echo(f"serving on http://{host}:{port}/", err=True)
     server.run()
 
 
 def _bench_streaming(weights, size, device, image, audio, sessions, chunk_ms, seconds, json_out, markdown_out):
     from . import media
+    from .bench.probes import environment
     from .serving import bench as bench_streaming
     from .runtime.pipeline import SAMPLE_RATE, TalkingHead
 
     if sessions < 1 or chunk_ms <= 0 or seconds <= 0:
         raise UsageError("--sessions, --chunk-ms and --seconds must be positive.")
-    head = TalkingHead.from_weights(weights, size=size, device="cpu" if device == "auto" else device)
-    avatar = head.prepare_avatar(image or media.demo_image(), "crop")
-    wav = media.load_audio(audio or media.demo_audio(), SAMPLE_RATE)[:int(seconds * SAMPLE_RATE)]
-    report = bench_streaming.run(head, avatar, wav, tuple(sorted({1, sessions})), chunk_ms)
+    device = "cpu" if device == "auto" else device
+    image, audio = image or media.demo_image(), audio or media.demo_audio()
+    head = TalkingHead.from_weights(weights, size=size, device=device)
+    avatar = head.prepare_avatar(image, "crop")
+    wav = media.load_audio(audio, SAMPLE_RATE)[:int(seconds * SAMPLE_RATE)]
+    report = {"command": recorded_command(), "environment": environment(device),
+              "inputs": f"{len(wav) / SAMPLE_RATE:.2f} s of {_shown_path(audio)}, photo {_shown_path(image)} (crop), "
+                        f"{size}x{size}, {weights.describe()}, device {device}"}
+    report.update(bench_streaming.run(head, avatar, wav, tuple(sorted({1, sessions})), chunk_ms,
+                                      log=lambda line: typer.echo(line, err=True)))
     write_reports(report, bench_streaming.to_markdown(report), json_out, markdown_out)
+
+
+def _shown_path(path) -> str:
+    """A bundled input by its name in the package, anything else as given."""
+    path = Path(path)
+    package = Path(__file__).parent
+    return f"{path.relative_to(package.parent)} (bundled)" if path.is_relative_to(package) else str(path)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
