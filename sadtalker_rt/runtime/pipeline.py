@@ -320,7 +320,7 @@ class TalkingHead:
     def stream(self, avatar: Avatar, chunks, options: Options = Options(), turn=None):
         """Frames as soon as they are final from 16 kHz mono PCM chunks of any sizes (bytes of int16, int16 or
         float arrays), an iterator or an async iterator (which gives an async iterator of frames). The frames
-        equal ``generate``'s on the same audio. ``turn``: a context manager factory held around each model call
+        equal ``generate``'s on the same audio, with any ``options`` (what each holds back: ``streaming``). ``turn``: a context manager factory held around each model call
         (sessions sharing one model take turns)."""
         from .streaming import stream
 

@@ -35,7 +35,7 @@ from typing import AsyncIterator, Callable, ContextManager, Iterable, Iterator, 
 
 import numpy as np
 
-from ..errors import InputError, UsageError
+from ..errors import InputError
 from ..stages import (EXPRESSION, FPS, POSE_CHUNK, SAMPLES_PER_FRAME, SEMANTIC_RADIUS, PoseChunk, is_full,
                       pose_chunks)
 from . import audio_features as af
@@ -413,8 +413,8 @@ def stream(head, avatar, chunks: Union[Iterable[Chunk], AsyncIterator[Chunk]], o
            turn: Optional[Turn] = None):
     """Frames of ``chunks`` (16 kHz mono PCM of any sizes) as soon as they are final; an async iterator of
     chunks gives an async iterator of frames (the work runs in a worker thread)."""
-    if hasattr(chunks, "__aiter__"):
-        return _astream(FrameStream(head, avatar, options, turn), chunks)
+    if hasattr(chunks, "__aiter__"):      # the session starts in a worker thread too (it may open a reference video)
+        return _astream(lambda: FrameStream(head, avatar, options, turn), chunks)
     return _stream(FrameStream(head, avatar, options, turn), chunks)
 
 
@@ -426,7 +426,8 @@ def _stream(session: FrameStream, chunks: Iterable[Chunk]) -> Iterator:
     yield from session.close()
 
 
-async def _astream(session: FrameStream, chunks: AsyncIterator[Chunk]):
+async def _astream(start: Callable[[], FrameStream], chunks: AsyncIterator[Chunk]):
+    session = await asyncio.to_thread(start)
     done = object()
     async for chunk in chunks:
         frames = await asyncio.to_thread(session.push, chunk)

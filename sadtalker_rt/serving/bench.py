@@ -4,7 +4,9 @@ Per run: time to first frame after the first audio chunk was handed over, real-t
 first chunk to the last frame over the audio's duration), frame-time jitter (standard deviation of the intervals
 between consecutive frames), and the lag of each frame behind the moment its own audio was fully spoken. The
 offline path (``generate`` on the whole audio, handed over at once) on the same audio is the reference. The
-machine's load is sampled before and after each run. Pure runtime: works with any backend.
+machine's load is sampled before and after each run, and the process's CPU time is counted per run (on a
+loaded machine it tells what the run would take alone). One frame is generated first, untimed, so no run pays
+the first calls. Pure runtime: works with any backend.
 """
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..runtime.pipeline import FPS, SAMPLE_RATE, Options, TalkingHead
+from ..runtime.pipeline import Options, TalkingHead
+from ..stages import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME
 
 
 @dataclass
@@ -84,10 +87,16 @@ def run(head: TalkingHead, avatar, wav: np.ndarray, sessions: tuple[int, ...] = 
 
     seconds = len(wav) / SAMPLE_RATE
     load = {"usable_cores": usable_cores(), "before": {}, "after": {}}
+    cpu: dict = {}
     report = {"audio_seconds": seconds, "chunk_ms": chunk_ms, "batch_size": options.batch_size,
-              "load_average": load, "streaming": {}}
+              "load_average": load, "process_cpu_s": cpu, "streaming": {}}
+    started = time.perf_counter()
+    list(head.generate(avatar, wav[:SAMPLES_PER_FRAME], options))      # first calls (allocations, kernel choice)
+    report["warm_up_s"] = time.perf_counter() - started
     load["before"]["offline"] = load_average()
+    cpu_start = time.process_time()
     report["offline"] = offline(head, avatar, wav, options).__dict__
+    cpu["offline"] = time.process_time() - cpu_start
     load["after"]["offline"] = load_average()
     log(f"offline: {report['offline']['frames']} frames, real-time factor {report['offline']['realtime_factor']:.2f}")
     turns = FairTurns()
@@ -95,8 +104,10 @@ def run(head: TalkingHead, avatar, wav: np.ndarray, sessions: tuple[int, ...] = 
     shared = TalkingHead(TurnTakingBackend(head.backend, turns), head.size, enhancer=enhancer)
     for n in sessions:
         load["before"][n] = load_average()
+        cpu_start = time.process_time()
         with ThreadPoolExecutor(n) as pool:
             runs = list(pool.map(lambda _: streamed(shared, avatar, wav, options, chunk_ms), range(n)))
+        cpu[n] = time.process_time() - cpu_start
         load["after"][n] = load_average()
         summary = {key: float(np.mean([getattr(r, key) for r in runs])) for key in StreamTiming.__dataclass_fields__}
         summary["first_frame_s_max"] = max(r.first_frame_s for r in runs)
@@ -123,6 +134,11 @@ def to_markdown(report: dict) -> str:
         lines.append(f"- inputs: {report.get('inputs', '')}")
     load = report.get("load_average", {})
     runs = ["offline", *report["streaming"]]
+    cpu = report.get("process_cpu_s", {})
+    if cpu:
+        lines.append("- CPU time of this process (all threads) per run: " + ", ".join(
+            f"{r if r == 'offline' else f'{r} session(s)'} {cpu[r]:.0f} s" for r in cpu)
+            + f"; warm-up (one frame, before timing) {report.get('warm_up_s', 0):.0f} s")
     lines.append("- load (1-minute average before -> after each run): " + ", ".join(
         f"{r if r == 'offline' else f'{r} session(s)'} {_load(load.get('before', {}).get(r))} -> "
         f"{_load(load.get('after', {}).get(r))}" for r in runs) + f"; {load.get('usable_cores', '?')} usable cores")
