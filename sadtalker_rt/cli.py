@@ -388,6 +388,10 @@ def serve(
     engine: str = typer.Option("local", "--engine", help="local (the runtime in this process) or "
                                "triton://HOST:PORT (a Triton server's gRPC endpoint serving a `triton-repo` "
                                "repository; the weights and size are the repository's)"),
+    enhancer: Optional[str] = typer.Option(None, "--enhancer", help="gfpgan: load the face enhancer so sessions "
+                                           "and jobs may ask for it (enhancer=gfpgan)"),
+    enhancer_weights: Optional[Path] = typer.Option(None, "--enhancer-weights", help="GFPGANv1.4.pth, or the folder "
+                                                    "with it and parsing_parsenet.pth"),
 ) -> None:
     """Serve the web page, streaming websocket sessions and whole-file jobs (needs the 'serve' extra)."""
     try:
@@ -404,19 +408,23 @@ def serve(
         from .serving.engines import engine_from
 
         ignored = [name for name, given in (("--checkpoints", checkpoints is not None), ("--synthetic-weights",
-                   synthetic_weights is not None), ("--size", size != 256), ("--device", device != "cpu")) if given]
+                   synthetic_weights is not None), ("--size", size != 256), ("--device", device != "cpu"),
+                   ("--enhancer", enhancer is not None), ("--enhancer-weights", enhancer_weights is not None)) if given]
         if ignored:
             raise UsageError(f"{', '.join(ignored)} would be ignored with --engine {engine}: the Triton server's "
                              "repository fixes the weights, size and devices.")
         source = engine_from(engine)
         typer.echo(f"frames from the Triton server at {engine}", err=True)
     else:
+        from .runtime.enhancer import check_enhancer
         from .runtime.pipeline import TalkingHead
 
+        check_enhancer(enhancer, "fixed")
         weights = weight_source(checkpoints, synthetic_weights, size)
+        extra = find_enhancer_weights(enhancer, enhancer_weights, checkpoints, synthetic_weights)
         if weights.synthetic:
             typer.echo(f"note: {weights.describe()}.", err=True)
-        source = TalkingHead.from_weights(weights, size=size, device=device)
+        source = TalkingHead.from_weights(weights, size=size, device=device, enhancer_weights=extra)
     server = make_server(source, host, port, config)
     typer.echo(f"serving on http://{host}:{port}/", err=True)
     server.run()
@@ -424,16 +432,30 @@ def serve(
 
 def _bench_streaming(weights, size, device, image, audio, sessions, chunk_ms, seconds, json_out, markdown_out):
     from . import media
+    from .bench.probes import environment
     from .serving import bench as bench_streaming
     from .runtime.pipeline import SAMPLE_RATE, TalkingHead
 
     if sessions < 1 or chunk_ms <= 0 or seconds <= 0:
         raise UsageError("--sessions, --chunk-ms and --seconds must be positive.")
-    head = TalkingHead.from_weights(weights, size=size, device="cpu" if device == "auto" else device)
-    avatar = head.prepare_avatar(image or media.demo_image(), "crop")
-    wav = media.load_audio(audio or media.demo_audio(), SAMPLE_RATE)[:int(seconds * SAMPLE_RATE)]
-    report = bench_streaming.run(head, avatar, wav, tuple(sorted({1, sessions})), chunk_ms)
+    device = "cpu" if device == "auto" else device
+    image, audio = image or media.demo_image(), audio or media.demo_audio()
+    head = TalkingHead.from_weights(weights, size=size, device=device)
+    avatar = head.prepare_avatar(image, "crop")
+    wav = media.load_audio(audio, SAMPLE_RATE)[:int(seconds * SAMPLE_RATE)]
+    report = {"command": recorded_command(), "environment": environment(device),
+              "inputs": f"{len(wav) / SAMPLE_RATE:.2f} s of {_shown_path(audio)}, photo {_shown_path(image)} (crop), "
+                        f"{size}x{size}, {weights.describe()}, device {device}"}
+    report.update(bench_streaming.run(head, avatar, wav, tuple(sorted({1, sessions})), chunk_ms,
+                                      log=lambda line: typer.echo(line, err=True)))
     write_reports(report, bench_streaming.to_markdown(report), json_out, markdown_out)
+
+
+def _shown_path(path) -> str:
+    """A bundled input by its name in the package, anything else as given."""
+    path = Path(path)
+    package = Path(__file__).parent
+    return f"{path.relative_to(package.parent)} (bundled)" if path.is_relative_to(package) else str(path)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

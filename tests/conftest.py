@@ -112,3 +112,29 @@ class CheapRendererBackend(SerialBackend):
 
     def runner(self, stage: str):
         return self.cheap if stage == "renderer" else self.inner.runner(stage)
+
+
+class CheapEnhancer:
+    """GFPGAN's place (512 x 512 on a CPU takes seconds a frame): a deterministic function of the aligned face
+    and the finest noise map, so the frames show each frame's alignment (points, tracking) and noise; the
+    geometry around it (warp, paste-back) is real."""
+
+    def runner(self, stage: str):
+        assert stage == "enhancer"
+        return self
+
+    def infer(self, feeds: dict) -> dict:
+        from sadtalker_rt.stages import ENHANCER_NOISE_SIDES
+
+        finest = feeds[f"noise{len(ENHANCER_NOISE_SIDES) - 1}"]
+        return {"image": np.tanh(feeds["face"] + 0.3 * finest).astype(np.float32)}
+
+
+def cheap_face_enhancer():
+    """A FaceEnhancer on ``CheapEnhancer`` with made-up stored noise maps (for ``fixed``), no parsing network."""
+    from sadtalker_rt.runtime.enhancer import FaceEnhancer
+    from sadtalker_rt.stages import ENHANCER_NOISE_SIDES
+
+    rng = np.random.default_rng(5)
+    stored = [rng.standard_normal((1, 1, s, s), dtype=np.float32) for s in ENHANCER_NOISE_SIDES]
+    return FaceEnhancer(CheapEnhancer(), stored, parse=False)

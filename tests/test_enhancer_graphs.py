@@ -188,11 +188,11 @@ def test_tracked_points_follow_the_head_and_fall_back_when_lost(assets_dir):
     enhancer.track_from(source)
     enhancer([moved], [0], "seeded")
     truth = fr.align_affine(fr.points_from_landmarks68(source) + np.float32([6, 4]))
-    assert np.abs(enhancer._affine[:, 2] - truth[:, 2]).max() < 4          # within 2 px of the moved face
+    assert np.abs(enhancer.alignment.affine[:, 2] - truth[:, 2]).max() < 4          # within 2 px of the moved face
     eyes = np.linalg.norm(np.subtract(*fr.points_from_landmarks68(source)[:2]))
     for _ in range(3):      # frames without a face: the points stay near the avatar's, they do not run away
         enhancer([np.full_like(frame, 128)], [1], "seeded")
-        drift = np.linalg.norm(fr.points_from_landmarks68(enhancer._landmarks) - fr.points_from_landmarks68(source), axis=1)
+        drift = np.linalg.norm(fr.points_from_landmarks68(enhancer.alignment.landmarks) - fr.points_from_landmarks68(source), axis=1)
         assert drift.max() <= 0.35 * eyes
 
 

@@ -18,7 +18,7 @@ pytest.importorskip("starlette", reason="the 'serve' extra is not installed")
 httpx = pytest.importorskip("httpx")
 from websockets.sync.client import connect  # noqa: E402
 
-from conftest import CheapRendererBackend  # noqa: E402
+from conftest import CheapRendererBackend, cheap_face_enhancer  # noqa: E402
 from sadtalker_rt import media  # noqa: E402
 from sadtalker_rt.models.checkpoints import WeightSource  # noqa: E402
 from sadtalker_rt.runtime.pipeline import Options, TalkingHead  # noqa: E402
@@ -67,9 +67,9 @@ def wav_bytes(pcm: np.ndarray) -> bytes:
     return out.getvalue()
 
 
-def stream_session(ws_url: str, avatar: str, pcm: np.ndarray, seed: int, chunk: int) -> list[bytes]:
+def stream_session(ws_url: str, avatar: str, pcm: np.ndarray, seed: int, chunk: int, query: str = "") -> list[bytes]:
     frames = []
-    with connect(f"{ws_url}/stream?avatar={avatar}&seed={seed}", additional_headers=AUTH) as ws:
+    with connect(f"{ws_url}/stream?avatar={avatar}&seed={seed}{query}", additional_headers=AUTH) as ws:
         for i in range(0, len(pcm), chunk):
             ws.send(pcm[i:i + chunk].tobytes())
         ws.send("end")
@@ -181,3 +181,48 @@ def test_serve_sessions_jobs_refusals_and_no_leaks(head, assets_dir, tmp_path, m
     assert open_fds() <= fds
     # torch keeps a compile cache folder in the temp dir once it is touched; that is torch's, not a leak
     assert [p.name for p in scratch.iterdir() if not p.name.startswith("torchinductor_")] == []
+
+
+def test_serve_takes_the_options_and_refuses_the_rest(head, assets_dir, tmp_path):
+    from sadtalker_rt.serving.app import Refusal, Service
+
+    served = TalkingHead(head.backend, head.size, enhancer=cheap_face_enhancer())
+    photo = (assets_dir / "happy.png").read_bytes()
+    speech = media.load_audio(assets_dir / "bus_chinese.wav")
+    pcm = np.clip(np.rint(speech[16000:16000 + 1920] * 32768), -32768, 32767).astype("<i2")     # three frames
+    wav = pcm.astype(np.float32) / 32768
+    server = Running(served, ServeConfig(batch_size=1))
+    try:
+        with httpx.Client(base_url=server.http, timeout=600) as client:
+            avatar_id = client.post("/avatars", files={"photo": photo}).json()["avatar"]
+            avatar = server.service.avatars[avatar_id]
+            query = ("&still=1&pose_style=3&expression_scale=1.2&input_yaw=20&input_roll=-5&enhancer=gfpgan"
+                     "&enhancer_noise=seeded&enhancer_points=fixed")
+            frames = stream_session(server.ws, avatar_id, pcm, 4, 640, query)
+            options = Options(seed=4, still=True, pose_style=3, expression_scale=1.2, input_yaw=[20], input_roll=[-5],
+                              enhancer="gfpgan", enhancer_noise="seeded", enhancer_points="fixed", batch_size=1)
+            expected = list(served.generate(avatar, wav, options))
+            assert len(frames) == len(expected) == 3 and expected[0].image.shape == (512, 512, 3)
+            assert frames == [server.service.encode(f) for f in expected]
+
+            fields = {"seed": "2", "input_yaw": "-20,20", "enhancer": "gfpgan"}
+            reply = client.post("/videos", files={"photo": photo, "audio": wav_bytes(pcm)}, data=fields)
+            assert reply.status_code == 200, reply.text
+            offline = tmp_path / "offline.mp4"
+            served.write_video(avatar, wav, offline, Options(seed=2, input_yaw=["-20,20"], enhancer="gfpgan",
+                                                             batch_size=1))
+            got, want = decoded_video(reply.content), decoded_video(offline.read_bytes())
+            assert len(got) == len(want) == 3 and all(np.array_equal(g, w) for g, w in zip(got, want))
+
+            for bad, message in (("input_yaw=0,30", "one degree"), ("ref_pose=x.mp4", "reference videos"),
+                                 ("colour=red", "unknown option 'colour'"), ("pose_style=99", "pose-style"),
+                                 ("still=maybe", "still"), ("input_pitch=100", "-90..90"),
+                                 ("enhancer=codeformer", "--enhancer must be")):
+                assert message in refusal(server.ws, f"avatar={avatar_id}&{bad}"), bad
+            reply = client.post("/videos", files={"photo": photo, "audio": wav_bytes(pcm)}, data={"ref_eyeblink": "x"})
+            assert reply.status_code == 400 and "reference videos" in reply.json()["error"]
+            assert server.service.slots.used == 0
+    finally:
+        server.stop()
+    with pytest.raises(Refusal, match="without the enhancer"):
+        Service(head, ServeConfig()).options({"enhancer": "gfpgan"}, streaming=True)

@@ -52,7 +52,7 @@ def _frame_and_points(photo: Path) -> tuple[np.ndarray, np.ndarray]:
 def _face_box(enhancer, frame_shape: tuple) -> tuple[int, int, int, int]:
     """(y1, y2, x1, x2) of the output region the 512 x 512 restored face is pasted into."""
     corners = np.array([[0, 0, 1], [512, 0, 1], [0, 512, 1], [512, 512, 1]], np.float64)
-    inverse = np.array(enhancer._inverse, np.float64)
+    inverse = np.array(enhancer.alignment.inverse, np.float64)
     inverse[:, 2] += 0.5 * enhancer.upscale
     mapped = corners @ inverse.T
     h, w = frame_shape[0] * enhancer.upscale, frame_shape[1] * enhancer.upscale

@@ -65,10 +65,44 @@ def enhancer_on_graphs(backend) -> "FaceEnhancer":
     return FaceEnhancer(backend, load_fixed_noise(backend.directory, backend.manifest), parse="face_parse" in stages)
 
 
+class Alignment:
+    """Where the face is in each frame of one video: points fixed for the avatar, or 68 landmarks tracked from
+    frame to frame (each frame from the previous one's), so one per utterance, frames given in order."""
+
+    def __init__(self, upscale: int, points: Optional[np.ndarray] = None, landmarks68: Optional[np.ndarray] = None):
+        self.upscale = upscale
+        self.landmarks = None
+        if landmarks68 is not None:
+            points = fr.points_from_landmarks68(landmarks68)
+            self._start = self.landmarks = np.asarray(landmarks68, np.float32)
+            self._start5 = fr.points_from_landmarks68(self._start)
+        self._set(np.asarray(points, np.float32))
+
+    def _set(self, points: np.ndarray) -> None:
+        self.affine = fr.align_affine(points)
+        self.inverse = fr.inverse_affine(self.affine, self.upscale)
+
+    def __call__(self, frame_rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(affine, inverse) of the next frame."""
+        if self.landmarks is None:
+            return self.affine, self.inverse
+        from .landmarks import track
+
+        found = track(frame_rgb, self.landmarks)
+        points = fr.points_from_landmarks68(found)
+        eyes = np.linalg.norm(self._start5[1] - self._start5[0])
+        if np.linalg.norm(points - self._start5, axis=1).max() <= TRACK_TOLERANCE * eyes:
+            self.landmarks = found      # else keep the last good landmarks: the tracker lost the face
+            self._set(points)
+        return self.affine, self.inverse
+
+
 class FaceEnhancer:
     """``backend.runner("enhancer")`` and, when ``parse`` is True, ``backend.runner("face_parse")``.
 
-    ``fixed_noise``: the checkpoint's 15 noise maps (1, 1, r, r), needed by the ``fixed`` mode.
+    ``fixed_noise``: the checkpoint's 15 noise maps (1, 1, r, r), needed by the ``fixed`` mode. The enhancer
+    holds no per-video state: each video has its own ``Alignment`` (``fixed`` or ``tracking``), so sessions
+    can share one enhancer.
     """
 
     def __init__(self, backend, fixed_noise: Optional[Sequence[np.ndarray]] = None, parse: bool = True,
@@ -77,35 +111,25 @@ class FaceEnhancer:
         self.fixed_noise = None if fixed_noise is None else [np.ascontiguousarray(n, np.float32) for n in fixed_noise]
         self.parse = parse
         self.upscale = upscale
-        self._affine = None
-        self._landmarks = None
+        self.alignment: Optional[Alignment] = None      # the default of __call__ (set_points, track_from)
+
+    def on_backend(self, backend) -> "FaceEnhancer":
+        """The same enhancer running through ``backend`` (e.g. one whose calls take turns)."""
+        return FaceEnhancer(backend, self.fixed_noise, self.parse, self.upscale)
+
+    def fixed(self, points: np.ndarray) -> Alignment:
+        """The face's 5 points (eyes, nose tip, mouth corners) in video-frame pixels, fixed for the avatar."""
+        return Alignment(self.upscale, points=points)
+
+    def tracking(self, landmarks68: np.ndarray) -> Alignment:
+        """The 68 landmarks tracked from frame to frame, starting from the avatar's (in video-frame pixels)."""
+        return Alignment(self.upscale, landmarks68=landmarks68)
 
     def set_points(self, points: np.ndarray) -> None:
-        """The face's 5 points (eyes, nose tip, mouth corners) in video-frame pixels, fixed for the avatar."""
-        affine = fr.align_affine(np.asarray(points, np.float32))
-        self._affine = affine
-        self._inverse = fr.inverse_affine(affine, self.upscale)
-        self._landmarks = None
+        self.alignment = self.fixed(points)
 
     def track_from(self, landmarks68: np.ndarray) -> None:
-        """Track the 68 landmarks from frame to frame, starting from the avatar's (in video-frame pixels)."""
-        self.set_points(fr.points_from_landmarks68(landmarks68))
-        self._start = self._landmarks = np.asarray(landmarks68, np.float32)
-        self._start5 = fr.points_from_landmarks68(self._start)
-
-    def _frame_geometry(self, frame_rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if self._landmarks is None:
-            return self._affine, self._inverse
-        from .landmarks import track
-
-        found = track(frame_rgb, self._landmarks)
-        points = fr.points_from_landmarks68(found)
-        eyes = np.linalg.norm(self._start5[1] - self._start5[0])
-        if np.linalg.norm(points - self._start5, axis=1).max() <= TRACK_TOLERANCE * eyes:
-            self._landmarks = found      # else keep the last good landmarks: the tracker lost the face
-            self._affine = fr.align_affine(points)
-            self._inverse = fr.inverse_affine(self._affine, self.upscale)
-        return self._affine, self._inverse
+        self.alignment = self.tracking(landmarks68)
 
     def noise(self, indices: Sequence[int], mode: str, seed: int) -> dict[str, np.ndarray]:
         batch = len(indices)
@@ -121,12 +145,14 @@ class FaceEnhancer:
         return maps
 
     def __call__(self, frames_rgb: Sequence[np.ndarray], indices: Sequence[int], mode: str = "fixed",
-                 seed: int = 0) -> list[np.ndarray]:
-        """RGB uint8 frames (H, W, 3) -> RGB uint8 frames (2H, 2W, 3)."""
-        if self._affine is None:
-            raise RuntimeError("set_points() first")
+                 seed: int = 0, alignment: Optional[Alignment] = None) -> list[np.ndarray]:
+        """RGB uint8 frames (H, W, 3) -> RGB uint8 frames (2H, 2W, 3); ``alignment``: the video's (default:
+        the one ``set_points`` or ``track_from`` made)."""
+        alignment = alignment or self.alignment
+        if alignment is None:
+            raise RuntimeError("set_points() first, or give an alignment")
         bgr = [np.ascontiguousarray(f[..., ::-1]) for f in frames_rgb]
-        geometry = [self._frame_geometry(f) for f in frames_rgb]
+        geometry = [alignment(f) for f in frames_rgb]
         cropped = np.stack([fr.warp_face(f, affine) for f, (affine, _) in zip(bgr, geometry)])
         image = self.backend.runner("enhancer").infer({"face": fr.network_input(cropped),
                                                        **self.noise(indices, mode, seed)})["image"]

@@ -112,6 +112,26 @@ class FreeView:
     def active(self) -> bool:
         return any(v is not None for v in (self.yaw, self.pitch, self.roll))
 
+    @property
+    def moving(self) -> bool:
+        """A list of different degrees: spread over the whole video, so every angle but the first depends on
+        the number of frames (a stream knows it only at the end of the audio)."""
+        return any(v is not None and len(set(int(d) for d in v)) > 1 for v in (self.yaw, self.pitch, self.roll))
+
+    def final_frames(self, known: int, total: Optional[int]) -> int:
+        """Frames whose angles are final when ``known`` frames are sure and ``total`` is known (or None):
+        all of them for fixed angles; for a moving list only frame 0 (the first value whatever the length)
+        until the end."""
+        if total is not None:
+            return total
+        return min(known, 1) if self.moving else known
+
+    def angles_between(self, start: int, stop: int, total: Optional[int]) -> tuple[np.ndarray, np.ndarray]:
+        """``angles`` rows start..stop-1 of a ``total``-frame video and ``angle_given``; before the end
+        (``total`` None) only for frames ``final_frames`` allows."""
+        angles, given = self.angles(total if total is not None else stop)
+        return angles[start:stop], given
+
     def angles(self, frame_num: int) -> tuple[np.ndarray, np.ndarray]:
         """The mapping stage's free-view inputs: ``angles`` (T, 3) float32 degrees (yaw, pitch, roll) and
         ``angle_given`` (1, 3) float32, 1 where the angle is given. Float32 as ``get_facerender_data`` makes it."""
@@ -142,9 +162,16 @@ def eyeblink_reference(source_coeffs: np.ndarray, ref_coeffs: np.ndarray, frame_
 
 def apply_ref_pose(coeffs: np.ndarray, ref_coeffs: np.ndarray) -> np.ndarray:
     """``--ref-pose`` on the (T, 70) smoothed coefficients: pose[t] += ref[t] - ref[0], float32."""
+    ref = np.asarray(ref_coeffs, dtype=np.float32)
+    return add_ref_pose(coeffs, loop_frames(ref, len(coeffs)), ref[0])
+
+
+def add_ref_pose(coeffs: np.ndarray, looped_ref: np.ndarray, first_ref: np.ndarray) -> np.ndarray:
+    """``apply_ref_pose`` on any run of rows: ``looped_ref`` holds the reference rows of the same frames
+    (already looped), ``first_ref`` the reference's row 0; each row depends on its own frame only."""
     out = np.array(coeffs, dtype=np.float32)
-    ref = loop_frames(np.asarray(ref_coeffs, dtype=np.float32)[:, POSE], len(out))
-    out[:, POSE] = out[:, POSE] + (ref - ref[0:1])
+    ref = np.asarray(looped_ref, dtype=np.float32)[:, POSE]
+    out[:, POSE] = out[:, POSE] + (ref - np.asarray(first_ref, dtype=np.float32)[None, POSE])
     return out
 
 

@@ -272,7 +272,7 @@ class TalkingHead:
         targets = target_windows(motion.coeffs.astype(np.float32), avatar.source_coeffs, full=is_full(avatar.preprocess),
                                  still=options.still, expression_scale=options.expression_scale)
         compositor = Compositor(avatar)
-        enhance = self._enhancer_for(avatar, compositor, options)
+        enhance = self.frame_enhancer(avatar, compositor, options)
         view = options.free_view()
         features, per_frame = avatar.features, None
         if view.active:         # given head angles: the free-view mapping stage takes them per frame
@@ -290,7 +290,7 @@ class TalkingHead:
 
         def enhanced(batch: list[Frame]) -> list[Frame]:
             indices = [f.index for f in batch]
-            images = enhance([f.image for f in batch], indices, options.enhancer_noise, options.seed)
+            images = enhance([f.image for f in batch], indices)
             return [Frame(i, i / FPS, image) for i, image in zip(indices, images)]
 
         # Batch k is enhanced while batch k + 1 renders: on a GPU backend the renderer's launches of k + 1 are
@@ -313,17 +313,23 @@ class TalkingHead:
                 yield batch
                 batch = []
 
-    def _enhancer_for(self, avatar: Avatar, compositor, options: Options):
+    def frame_enhancer(self, avatar: Avatar, compositor, options: Options
+                       ) -> Optional[Callable[[list, list], list]]:
+        """``enhance(images, indices)`` for one video (its own alignment: frames in order, in batches of
+        ``options.batch_size``), or None without ``options.enhancer``."""
         if options.enhancer is None:
             return None
         if self.enhancer is None:
             raise UsageError("--enhancer gfpgan needs the enhancer's weights (GFPGANv1.4.pth) or --synthetic-weights; "
                              "this TalkingHead was made without them.")
         if options.enhancer_points == "track" and avatar.face_landmarks is not None:
-            self.enhancer.track_from(compositor.map_points(avatar.face_landmarks))
+            alignment = self.enhancer.tracking(compositor.map_points(avatar.face_landmarks))
         else:
-            self.enhancer.set_points(compositor.map_points(avatar.face_points))
-        return self.enhancer
+            alignment = self.enhancer.fixed(compositor.map_points(avatar.face_points))
+
+        def enhance(images: list, indices: list) -> list:
+            return self.enhancer(images, indices, options.enhancer_noise, options.seed, alignment=alignment)
+        return enhance
 
     def generate(self, avatar: Avatar, audio: AudioLike, options: Options = Options(),
                  progress: Progress = _noop) -> Iterator[Frame]:
@@ -332,7 +338,7 @@ class TalkingHead:
     def stream(self, avatar: Avatar, chunks, options: Options = Options(), turn=None):
         """Frames as soon as they are final from 16 kHz mono PCM chunks of any sizes (bytes of int16, int16 or
         float arrays), an iterator or an async iterator (which gives an async iterator of frames). The frames
-        equal ``generate``'s on the same audio. ``turn``: a context manager factory held around each model call
+        equal ``generate``'s on the same audio, with any ``options`` (what each holds back: ``streaming``). ``turn``: a context manager factory held around each model call
         (sessions sharing one model take turns)."""
         from .streaming import stream
 

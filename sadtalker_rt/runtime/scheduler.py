@@ -119,11 +119,13 @@ class FramePipeline:
         self.render_stream = executor.make_stream()
         self.copy_stream = executor.make_stream()
 
-    def render_batch(self, semantics: np.ndarray) -> np.ndarray:
+    def render_batch(self, semantics: np.ndarray, per_frame: dict[str, np.ndarray] | None = None) -> np.ndarray:
         """Mapping and renderer of one batch at once, nothing overlapped (streaming, where the next batch's
-        audio has not arrived yet): (n, 3, S, S) frames in a host buffer that the next call rewrites."""
+        audio has not arrived yet): (n, 3, S, S) frames in a host buffer that the next call rewrites.
+        ``per_frame``: the mapping's other inputs of these frames, as in ``frames``."""
         ex = self.executor
-        kp = ex.launch(self.mapping, {**self.mapping_fixed, "semantics": semantics}, self.map_stream, 0)["kp"]
+        feeds = {**self.mapping_fixed, "semantics": semantics, **(per_frame or {})}
+        kp = ex.launch(self.mapping, feeds, self.map_stream, 0)["kp"]
         ex.wait(self.render_stream, ex.record(self.map_stream))
         rendered = ex.launch("renderer", {**self.renderer_fixed, "kp_driving": kp}, self.render_stream, 0)["frames"]
         ex.wait(self.copy_stream, ex.record(self.render_stream))

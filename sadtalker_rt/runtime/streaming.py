@@ -13,6 +13,15 @@ only the first ``n // 640`` frames of the samples heard so far are sure to belon
 - Savitzky-Golay smoothing: 6 raw poses after the frame;
 - renderer: the 13 following frames' coefficients (semantic radius 13), and a whole batch of frames.
 
+The options that reshape the motion add their own waits (``FrameStream``):
+
+- ``ref_eyeblink``/``ref_pose``: the reference video's row of the frame, decoded as the audio arrives
+  (``reference_video.ReferenceTrack``): at once for a frame with a face; a frame without one waits until its
+  nearest face is known to lie within the utterance; a video that is shorter than the audio loops;
+- free view: nothing for fixed angles (one value); a list of several degrees is spread over the whole video,
+  so every frame after the first waits for the end of the audio;
+- the enhancer: nothing (it runs on each rendered batch, in frame order, as offline).
+
 Every stage runs on the same groups of frames as offline (ExpNet groups, pose chunks, renderer batches are
 aligned at fixed frame indices, never at chunk boundaries), so the frames are the offline frames bit for
 bit, whatever the chunk sizes. Randomness has per-purpose streams (``coeffs.blink_generator``,
@@ -26,11 +35,14 @@ from typing import AsyncIterator, Callable, ContextManager, Iterable, Iterator, 
 
 import numpy as np
 
-from ..errors import InputError, UsageError
-from ..stages import FPS, POSE_CHUNK, SAMPLES_PER_FRAME, SEMANTIC_RADIUS, PoseChunk, is_full, pose_chunks
+from ..errors import InputError
+from ..stages import (EXPRESSION, FPS, POSE_CHUNK, SAMPLES_PER_FRAME, SEMANTIC_RADIUS, PoseChunk, is_full,
+                      pose_chunks)
 from . import audio_features as af
 from .coeffs import SMOOTH_WINDOW, BlinkTrack, blink_generator, pose_latent, smooth_pose_rows, target_rows
 from .frames import Frame, Motion, to_uint8
+from .overrides import add_ref_pose
+from .reference_video import LoopedRows
 
 EXP_GROUP = POSE_CHUNK            # frames per ExpNet call, aligned at multiples of 32
 BLINK_LOOKAHEAD = 6               # a blink of 5 frames must end before the last frame
@@ -86,10 +98,12 @@ class MotionStream:
 
     def __init__(self, infer: Callable[..., dict], avatar, options, progress=None, name: str = "the audio",
                  references: Optional[dict] = None):
-        """``references``: reference videos' coefficients (``ref_eyeblink``, ``ref_pose``), offline only."""
+        """``references``: per option (``ref_eyeblink``, ``ref_pose``) the reference video's rows: its (N, 73)
+        coefficients, or a ``reference_video.ReferenceTrack`` that decodes it as the audio arrives."""
         options.validate()
         self.infer, self.options, self.name = infer, options, name
-        self.references = {k: v for k, v in (references or {}).items() if v is not None}
+        self.references = {k: LoopedRows(v) if isinstance(v, np.ndarray) else v
+                           for k, v in (references or {}).items() if v is not None}
         self.progress = progress or (lambda stage, done, total: None)
         self.source_coeffs = avatar.source_coeffs
         self.full = is_full(avatar.preprocess)
@@ -183,21 +197,21 @@ class MotionStream:
 
     def _expression(self, windows: int) -> None:
         T = self.total
-        ready = min(windows, self._blinks_final())
+        eyeblink = self.references.get("ref_eyeblink")
+        # --ref-eyeblink: the video's expression and no blinks (spec 3.3), so its rows replace the blinks' wait
+        ready = min(windows, self._blinks_final() if eyeblink is None else eyeblink.ready(self.frames_known, T))
         while True:
             start = self.exp.n
             stop = start + EXP_GROUP if T is None else min(start + EXP_GROUP, T)
             if stop <= start or stop > ready:
                 return
-            # the blink ratios assume the shortest utterance consistent with what is known; final either way
-            blink = self.blinks.values(T if T is not None else self.frames_known, start, stop)
-            ref_exp = np.tile(self.ref[:64], (stop - start, 1))
-            if "ref_eyeblink" in self.references:       # offline only: T is known
-                from .overrides import expression_inputs
-
-                ref, blink = expression_inputs(self.source_coeffs, self.blinks.values(T, 0, stop),
-                                               self.references["ref_eyeblink"])
-                ref_exp, blink = ref[start:stop, :64], blink[start:stop]
+            if eyeblink is None:
+                # the blink ratios assume the shortest utterance consistent with what is known; final either way
+                blink = self.blinks.values(T if T is not None else self.frames_known, start, stop)
+                ref_exp = np.tile(self.ref[:64], (stop - start, 1))
+            else:
+                blink = np.zeros((stop - start, 1), np.float32)
+                ref_exp = eyeblink.rows(start, stop)[:, EXPRESSION]
             exp = self.infer("audio2exp", indiv_mels=self.windows(start, stop)[:, None],
                              ref_exp=np.ascontiguousarray(ref_exp), blink=blink)["exp"]
             self.exp.append(exp)
@@ -236,15 +250,14 @@ class MotionStream:
 
     def _targets(self) -> None:
         ready = min(self.exp.n, self.pose.n)
+        ref_pose = self.references.get("ref_pose")
+        if ref_pose is not None and ready > self.coeffs.n:
+            ready = min(ready, ref_pose.ready(self.frames_known, self.total))
         if ready > self.coeffs.n:
             start = self.coeffs.n
-            if "ref_pose" in self.references:           # offline only: one call over the whole utterance
-                from .overrides import motion_coeffs
-
-                rows = motion_coeffs(self.exp.view()[:ready], self.pose.view()[:ready],
-                                     self.references["ref_pose"])[start:]
-            else:
-                rows = np.concatenate([self.exp.view()[start:ready], self.pose.view()[start:ready]], axis=1)
+            rows = np.concatenate([self.exp.view()[start:ready], self.pose.view()[start:ready]], axis=1)
+            if ref_pose is not None:        # pose[t] += ref[t] - ref[0] (spec 5.4), row by row
+                rows = add_ref_pose(rows, ref_pose.rows(start, ready), ref_pose.rows(0, 1)[0])
             self.coeffs.append(rows.astype(np.float32))
         # still: the pose is the source's, so the renderer need not wait for PoseVAE and smoothing
         ready = self.exp.n if self.options.still else self.coeffs.n
@@ -281,23 +294,32 @@ class MotionStream:
 
 
 class FrameStream:
-    """Push audio chunks, get the frames that became final: ``push`` then ``close``, each an iterator."""
+    """Push audio chunks, get the frames that became final: ``push`` then ``close``, each an iterator.
+
+    Takes every option ``generate`` takes; ``notes`` holds the lines about the reference videos once the
+    audio has ended."""
 
     def __init__(self, head, avatar, options, turn: Optional[Turn] = None):
         from ..stages import mapping_stage
         from .compose import Compositor
         from .scheduler import FramePipeline
 
-        if options.ref_eyeblink is not None or options.ref_pose is not None or options.enhancer is not None \
-                or options.free_view().active:
-            raise UsageError("streaming does not take reference videos, free view or the enhancer yet; "
-                             "use generate for those.")
+        options.validate()
         self.turn = turn or contextlib.nullcontext
         self.options = options
-        self.motion = MotionStream(self._infer_with(head), avatar, options)
-        self.pipeline = FramePipeline(head.backend.executor(), avatar.features, head.size, options.batch_size,
-                                      mapping=mapping_stage(avatar.preprocess))
+        self.notes: list[str] = []
+        infer = self._infer_with(head)
+        self.tracks: dict[str, object] = {}
+        references = self._references(head, avatar, options, infer)
+        self.motion = MotionStream(infer, avatar, options, references=references)
+        self.view = options.free_view()
+        features = avatar.features
+        if self.view.active:        # given head angles: the free-view mapping stage takes them per frame
+            features = {**avatar.features, "angle_given": self.view.angles(1)[1]}
+        self.pipeline = FramePipeline(head.backend.executor(), features, head.size, options.batch_size,
+                                      mapping=mapping_stage(avatar.preprocess, free_view=self.view.active))
         self.compositor = Compositor(avatar)
+        self.enhance = head.frame_enhancer(avatar, self.compositor, options)
         self.rendered = 0
 
     def _infer_with(self, head):
@@ -305,6 +327,39 @@ class FrameStream:
             with self.turn():
                 return head.infer(stage, **feeds)
         return infer
+
+    def _references(self, head, avatar, options, infer) -> dict:
+        """Arrays as they are; each video file opened once and decoded as the audio arrives. The crop box
+        (the first face) is found now, so a video without a face is refused before any audio."""
+        from pathlib import Path
+
+        from ..media.video_input import iter_video_frames
+        from .reference_video import ReferenceTrack
+
+        def regress(aligned: np.ndarray) -> np.ndarray:
+            return infer("face3d_recon", aligned_image=aligned)["coeffs"]
+
+        found = {}
+        for option in ("ref_eyeblink", "ref_pose"):
+            reference = getattr(options, option)
+            if reference is None or isinstance(reference, np.ndarray):
+                found[option] = reference
+                continue
+            key = str(Path(reference).resolve())
+            if key not in self.tracks:
+                self.tracks[key] = ReferenceTrack(iter_video_frames(reference), avatar.preprocess, head.size,
+                                                  regress, str(reference))
+                try:
+                    self.tracks[key].ready(0, None)
+                except BaseException:
+                    self._close_tracks()
+                    raise
+            found[option] = self.tracks[key]
+        return found
+
+    def _close_tracks(self) -> None:
+        for track in self.tracks.values():
+            track.close()
 
     @property
     def ended(self) -> bool:
@@ -316,32 +371,50 @@ class FrameStream:
         return self._frames()
 
     def close(self) -> Iterator:
-        self.motion.finish()
+        try:
+            self.motion.finish()
+            T = self.motion.total
+            for track in self.tracks.values():
+                self.notes.extend(track.complete(T).notes)
+        finally:
+            self._close_tracks()
         return self._frames()
 
-    def _frames(self) -> Iterator:
+    def _renderable(self) -> int:
+        ready = self.motion.renderable
+        if self.view.active:
+            ready = min(ready, self.view.final_frames(self.motion.frames_known, self.motion.total))
+        return ready
 
+    def _frames(self) -> Iterator:
         bs, motion = self.options.batch_size, self.motion
         while True:
-            ready = motion.renderable
+            ready = self._renderable()
             start = self.rendered
             stop = min(start + bs, ready)
             if stop <= start or (stop - start < bs and not motion.ended):
                 return
             semantics = motion.target_windows(start, stop)
+            per_frame = None
+            if self.view.active:
+                per_frame = {"angles": self.view.angles_between(start, stop, motion.total)[0]}
             with self.turn():
-                images = self.pipeline.render_batch(semantics)
+                images = self.pipeline.render_batch(semantics, per_frame)
             self.rendered = stop
-            for i in range(stop - start):
-                yield Frame(start + i, (start + i) / FPS, self.compositor(to_uint8(images[i])))
+            frames = [self.compositor(to_uint8(images[i])) for i in range(stop - start)]
+            if self.enhance is not None:    # the batches are offline's, so tracking and noise see the same frames
+                with self.turn():
+                    frames = self.enhance(frames, list(range(start, stop)))
+            for i, image in enumerate(frames):
+                yield Frame(start + i, (start + i) / FPS, image)
 
 
 def stream(head, avatar, chunks: Union[Iterable[Chunk], AsyncIterator[Chunk]], options,
            turn: Optional[Turn] = None):
     """Frames of ``chunks`` (16 kHz mono PCM of any sizes) as soon as they are final; an async iterator of
     chunks gives an async iterator of frames (the work runs in a worker thread)."""
-    if hasattr(chunks, "__aiter__"):
-        return _astream(FrameStream(head, avatar, options, turn), chunks)
+    if hasattr(chunks, "__aiter__"):      # the session starts in a worker thread too (it may open a reference video)
+        return _astream(lambda: FrameStream(head, avatar, options, turn), chunks)
     return _stream(FrameStream(head, avatar, options, turn), chunks)
 
 
@@ -353,7 +426,8 @@ def _stream(session: FrameStream, chunks: Iterable[Chunk]) -> Iterator:
     yield from session.close()
 
 
-async def _astream(session: FrameStream, chunks: AsyncIterator[Chunk]):
+async def _astream(start: Callable[[], FrameStream], chunks: AsyncIterator[Chunk]):
+    session = await asyncio.to_thread(start)
     done = object()
     async for chunk in chunks:
         frames = await asyncio.to_thread(session.push, chunk)

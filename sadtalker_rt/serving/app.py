@@ -1,12 +1,19 @@
 """The web application: avatars from uploaded photos, websocket streaming sessions, whole-file jobs, the page.
 
     POST /avatars             multipart ``photo`` (+ ``preprocess``) -> {"avatar": sha256, ...}, cached by content
-    WS   /stream?avatar=ID    binary messages: 16 kHz mono PCM, signed 16-bit little-endian, any sizes;
+    WS   /stream?avatar=ID&OPTIONS
+                              binary messages: 16 kHz mono PCM, signed 16-bit little-endian, any sizes;
                               text "end" when the audio is complete. Replies: binary frames, a 12-byte header
                               (uint32 index, float64 timestamp in seconds, little-endian) then a JPEG; a text
                               {"type": "end", "frames": N} at the end, {"type": "error", "message": ...} on refusal
-    POST /videos              multipart ``photo`` and ``audio`` (+ ``seed``, ``preprocess``) -> video/mp4
+    POST /videos              multipart ``photo`` and ``audio`` (+ ``preprocess`` and OPTIONS as fields) -> video/mp4
     GET  /                    the page
+
+OPTIONS (``Options``' names): seed, still, pose_style, expression_scale, enhancer (when the server has it),
+enhancer_noise, enhancer_points, input_yaw, input_pitch, input_roll. A session takes one degree per angle
+(fixed angles stream at once; a list moves the head over the whole video, whose length a stream only knows
+at its end); a video job takes lists too ("0,30,-20"). Reference videos are not taken; unknown names are
+refused.
 
 A bearer token (``Authorization: Bearer T``, or ``?token=T`` where a browser cannot set headers) guards
 everything but the page when one is configured. The frames come from an engine (``engines``): the runtime in
@@ -37,6 +44,24 @@ from .engines import as_engine
 from .limits import ServeConfig, Slots
 
 FRAME_HEADER = struct.Struct("<Id")
+REQUEST_FIELDS = ("avatar", "token", "photo", "audio", "preprocess")
+OPTION_FIELDS = ("seed", "still", "pose_style", "expression_scale", "enhancer", "enhancer_noise", "enhancer_points",
+                 "input_yaw", "input_pitch", "input_roll")
+
+
+def _parse_option(name: str, value: str):
+    value = str(value).strip()
+    if name in ("seed", "pose_style"):
+        return int(value)
+    if name == "expression_scale":
+        return float(value)
+    if name == "still":
+        if value.lower() not in ("", "0", "1", "true", "false", "yes", "no"):
+            raise ValueError(f"still is true or false, not '{value}'")
+        return value.lower() in ("1", "true", "yes")
+    if name == "enhancer":
+        return value or None
+    return value            # names and degrees, checked by Options.validate
 POLICY_VIOLATION, TRY_AGAIN_LATER, TOO_BIG = 1008, 1013, 1009
 
 
@@ -102,17 +127,31 @@ class Service:
             raise Refusal(503, f"the server is busy: {self.slots.limit} sessions are running, which is the limit; "
                                "try again later.", TRY_AGAIN_LATER)
 
-    def options(self, query, seed_default: int = 0):
+    def options(self, fields, streaming: bool):
+        """``Options`` from query parameters or form fields (other names are refused, besides those of the
+        request itself)."""
         from ..runtime.pipeline import Options
 
+        given = {k: v for k, v in fields.items() if k not in REQUEST_FIELDS and not isinstance(v, bytes)}
+        unknown = sorted(set(given) - set(OPTION_FIELDS) - {"ref_eyeblink", "ref_pose"})
+        if unknown:
+            raise Refusal(400, f"unknown option {', '.join(map(repr, unknown))}; options: {', '.join(OPTION_FIELDS)}.")
+        if "ref_eyeblink" in given or "ref_pose" in given:
+            raise Refusal(400, "reference videos (ref_eyeblink, ref_pose) are not taken by the server; "
+                               "use the command line or the Python API.")
         try:
-            options = Options(seed=int(query.get("seed", seed_default)), batch_size=self.config.batch_size,
-                              still=str(query.get("still", "")).lower() in ("1", "true", "yes"),
-                              pose_style=int(query.get("pose_style", 0)),
-                              expression_scale=float(query.get("expression_scale", 1.0)))
+            options = Options(batch_size=self.config.batch_size, **{k: _parse_option(k, v) for k, v in given.items()})
             options.validate()
+            view = options.free_view()
         except (ValueError, SadTalkerError) as err:
             raise Refusal(400, f"bad option: {err}") from None
+        if options.enhancer is not None and not self.engine.has_enhancer:
+            raise Refusal(400, "this server was started without the enhancer (sadtalker-rt serve --enhancer gfpgan, "
+                               "with the in-process engine).")
+        if streaming and view.moving:
+            raise Refusal(400, "a session takes one degree per angle (input_yaw, input_pitch, input_roll): a list "
+                               "moves the head over the whole video, whose length a stream knows only at its end; "
+                               "send the whole audio to /videos for that.")
         return options
 
     def encode(self, frame) -> bytes:
@@ -193,7 +232,7 @@ def create_app(head, config: Optional[ServeConfig] = None):
             form = await read_form(request, cfg.max_upload_bytes)
             if not isinstance(form.get("photo"), bytes) or not isinstance(form.get("audio"), bytes):
                 raise Refusal(400, "send multipart fields 'photo' and 'audio'.")
-            options = service.options(form)
+            options = service.options(form, streaming=False)
             service.take_slot()
         except Refusal as err:
             return refused(err)
@@ -216,7 +255,7 @@ def create_app(head, config: Optional[ServeConfig] = None):
         try:
             service.check_token(ws.headers, ws.query_params)
             avatar = service.find_avatar(ws.query_params.get("avatar", ""))
-            options = service.options(ws.query_params)
+            options = service.options(ws.query_params, streaming=True)
             service.take_slot()
         except Refusal as err:
             await ws.send_text(json.dumps({"type": "error", "message": err.message}))

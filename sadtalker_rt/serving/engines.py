@@ -14,6 +14,7 @@ from .limits import FairTurns, TurnTakingBackend
 
 class Engine:
     name = "engine"
+    has_enhancer = False        # whether sessions and jobs may ask for the face enhancer
 
     def prepare_avatar(self, photo: bytes, preprocess: str):
         """An avatar (``output_size``, ``notes``) from an encoded photo."""
@@ -37,7 +38,11 @@ class LocalEngine(Engine):
         from ..runtime.pipeline import TalkingHead
 
         self.turns = FairTurns()
-        self.head = TalkingHead(TurnTakingBackend(head.backend, self.turns), head.size)
+        enhancer = head.enhancer
+        if enhancer is not None:
+            enhancer = enhancer.on_backend(TurnTakingBackend(enhancer.backend, self.turns))
+        self.head = TalkingHead(TurnTakingBackend(head.backend, self.turns), head.size, enhancer=enhancer)
+        self.has_enhancer = enhancer is not None
 
     def prepare_avatar(self, photo: bytes, preprocess: str):
         from .. import media

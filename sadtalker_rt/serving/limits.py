@@ -88,7 +88,7 @@ class TurnTakingBackend:
     stages in order (sessions interleave between calls)."""
 
     def __init__(self, backend, turns: FairTurns):
-        self.inner, self.turns, self.size = backend, turns, backend.size
+        self.inner, self.turns, self.size = backend, turns, getattr(backend, "size", None)
         self.name, self.precision = f"{getattr(backend, 'name', 'backend')} (shared)", getattr(backend, "precision", None)
         self.notes = list(getattr(backend, "notes", []))
         self._runners = {}
