@@ -921,9 +921,9 @@ def test_frame_pipeline_yields_every_frame_once_in_order(T, batch, slots, stop_a
             break
     assert seen == list(range(T if stop_after is None else min(T, max(stop_after, 1))))
     mapping_batches = [call["semantics"][0] for call in backend.runners["mapping"].calls]
-    assert all(1 <= b <= batch for b in mapping_batches)
+    assert all(b == batch for b in mapping_batches)     # a short last batch is padded, as the official pads it
     if stop_after is None:
-        assert sum(mapping_batches) == T and len(mapping_batches) == -(-T // batch)
+        assert len(mapping_batches) == -(-T // batch)
         assert [c["kp_driving"][0] for c in backend.runners["renderer"].calls] == mapping_batches
 
 

@@ -85,10 +85,16 @@ def run_free_view_animation(inputs: dict, entry: dict, ctx) -> dict:
             raise AssertionError(f"{name}: free_view_sequence {angles[:, i].tolist()} differs from the recorded "
                                  f"sequence {recorded.tolist()}")
 
-    kp_canonical = backend.runner("kp_detector").infer({"source_image": image})["kp_canonical"]
-    encoded = backend.runner("source_encoder").infer({"source_image": image})
+    # The official code repeats the photo and its coefficients batch_size times before make_animation, and
+    # float32 kernels sum in another order at another batch size; the renderer amplifies a 3e-8 difference in
+    # the keypoints to 2e-4 in the frames. The per-image stages run as it runs them, and give batch row 0.
+    image_rows = np.repeat(image, batch_size, axis=0)
+    kp_canonical = backend.runner("kp_detector").infer({"source_image": image_rows})["kp_canonical"]
+    encoded = backend.runner("source_encoder").infer({"source_image": image_rows})
     kp_source = backend.runner(mapping_stage(preprocess)).infer(
-        {"kp_canonical": kp_canonical, "semantics": source_semantics})["kp"]
+        {"kp_canonical": kp_canonical, "semantics": np.repeat(source_semantics, batch_size, axis=0)})["kp"]
+    kp_canonical, kp_source = kp_canonical[:1], kp_source[:1]
+    encoded = {name: value[:1] for name, value in encoded.items()}
     features = {"kp_canonical": kp_canonical, "kp_source": kp_source, **encoded, "angle_given": given}
     pipeline = FramePipeline(SerialExecutor(backend.runner), features, image.shape[-1], batch_size,
                              mapping=mapping_stage(preprocess, free_view=True))

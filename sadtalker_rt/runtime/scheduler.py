@@ -124,15 +124,23 @@ class FramePipeline:
         audio has not arrived yet): (n, 3, S, S) frames in a host buffer that the next call rewrites.
         ``per_frame``: the mapping's other inputs of these frames, as in ``frames``."""
         ex = self.executor
-        feeds = {**self.mapping_fixed, "semantics": semantics, **(per_frame or {})}
+        feeds = {**self.mapping_fixed, **self._full_batch({"semantics": semantics, **(per_frame or {})})}
         kp = ex.launch(self.mapping, feeds, self.map_stream, 0)["kp"]
         ex.wait(self.render_stream, ex.record(self.map_stream))
         rendered = ex.launch("renderer", {**self.renderer_fixed, "kp_driving": kp}, self.render_stream, 0)["frames"]
         ex.wait(self.copy_stream, ex.record(self.render_stream))
-        host = self.host[0][:len(semantics)]
-        ex.copy_to_host(rendered, host, self.copy_stream)
+        ex.copy_to_host(rendered, self.host[0], self.copy_stream)
         ex.synchronize(ex.record(self.copy_stream))
-        return host
+        return self.host[0][:len(semantics)]
+
+    def _full_batch(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """A short last batch padded with copies of its last frame, as the official lane layout pads it: every
+        batch renders at the batch size (float32 kernels sum in another order at another batch size, and the
+        renderer amplifies that to 1e-4 in the frames; a TensorRT profile or CUDA graph sees one shape)."""
+        short = self.batch_size - len(rows["semantics"])
+        if short <= 0:
+            return rows
+        return {name: np.concatenate([values, np.repeat(values[-1:], short, axis=0)]) for name, values in rows.items()}
 
     def frames(self, targets: np.ndarray, per_frame: dict[str, np.ndarray] | None = None
                ) -> Iterator[tuple[int, np.ndarray]]:
@@ -150,8 +158,8 @@ class FramePipeline:
             if k >= DEVICE_SLOTS:
                 ex.wait(self.map_stream, render_done[k - DEVICE_SLOTS])
             rows = slice(starts[k], starts[k] + bs)
-            feeds = {**self.mapping_fixed, "semantics": targets[rows],
-                     **{name: values[rows] for name, values in (per_frame or {}).items()}}
+            feeds = {**self.mapping_fixed, **self._full_batch(
+                {"semantics": targets[rows], **{name: values[rows] for name, values in (per_frame or {}).items()}})}
             mapped[k] = ex.launch(self.mapping, feeds, self.map_stream, k % DEVICE_SLOTS)["kp"]
             map_done[k] = ex.record(self.map_stream)
 
@@ -175,8 +183,7 @@ class FramePipeline:
                 rendered = ex.launch("renderer", feeds, self.render_stream, k % DEVICE_SLOTS)["frames"]
                 render_done[k] = ex.record(self.render_stream)
                 ex.wait(self.copy_stream, render_done[k])
-                count = min(bs, len(targets) - starts[k])
-                ex.copy_to_host(rendered, self.host[k % len(self.host)][:count], self.copy_stream)
+                ex.copy_to_host(rendered, self.host[k % len(self.host)], self.copy_stream)
                 copy_done[k] = ex.record(self.copy_stream)
                 if k >= 1:
                     yield from deliver(k - 1)
