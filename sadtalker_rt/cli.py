@@ -272,6 +272,8 @@ def bench(
                                            "the utterance end to end (default), or times the stages only"),
     repeats: int = typer.Option(1, "--repeats", help="timed calls per stage and batch in each round (before 0.2: "
                                                      "timed calls per stage in all; now multiplied by --rounds)"),
+    min_stage_ms: float = typer.Option(200.0, "--min-stage-ms", help="and more turns per stage in each round, "
+                                       "until each backend has spent this long on it (stages of milliseconds)"),
     soak: Optional[int] = typer.Option(None, "--soak", metavar="N", help="instead of latency: N short jobs through "
                                        "one torch pipeline, watching resident memory and open descriptors"),
     old_version: bool = typer.Option(False, "--old-version", help="load the legacy .pth checkpoints"),
@@ -322,7 +324,7 @@ def bench(
     config = bench_mod.BenchConfig(
         weights=weights, size=size, backends=bench_mod.parse_list(backends),
         batch_sizes=bench_mod.parse_list(batch_sizes, int), frames=frames, warmup=warmup, repeats=repeats,
-        rounds=rounds, end_to_end_rounds=end_to_end_rounds, image=image, audio=audio, engines_dir=engines_dir, device=device,
+        min_stage_s=min_stage_ms / 1000.0, rounds=rounds, end_to_end_rounds=end_to_end_rounds, image=image, audio=audio, engines_dir=engines_dir, device=device,
         export_source=source_image(image, size))
     config.validate()
     if weights.synthetic:

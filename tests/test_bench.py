@@ -232,11 +232,33 @@ def test_backends_are_timed_interleaved_round_by_round_on_the_same_inputs():
     for name, _, _ in timed[1:]:
         if name != runs[-1]:
             runs.append(name)
-    assert runs == ["official", "a", "b"] * 3
+    turns = 3 * (len(report["baseline"]["stages"]) + 1)     # each round: a turn per stage, then end to end
+    assert runs == ["official", "a", "b"] * turns           # call by call, the same order every time
     a = [(stage, feeds) for n, stage, feeds in timed if n == "a"]
     b = [(stage, feeds) for n, stage, feeds in timed if n == "b"]
     assert a == b                           # the same stages, the same inputs, byte for byte
     assert len(a) % 3 == 0 and a[: len(a) // 3] * 3 == a
+
+
+def test_short_stages_get_turns_until_each_backend_spent_the_minimum():
+    calls: list = []
+
+    def opener(name):
+        return lambda ctx: bench.Opened(Recorder(name, calls, ctx.config.size), "stub", "cpu", "fp32",
+                                        {s: "fp32" for s in ctx.stages})
+
+    config = bench.BenchConfig(weights=WeightSource(synthetic_seed=0, size=SIZE), size=SIZE, backends=("a",),
+                               frames=2, warmup=0, repeats=1, rounds=2, device="cpu", mouth_box="fixed",
+                               end_to_end_rounds=False, min_stage_s=0.02)
+    marks: list = []
+    report = bench.run_bench(config, openers={"official": opener("official"), "a": opener("a")},
+                             log=lambda line: marks.append((line, len(calls))))
+    timed = calls[next(n for line, n in marks if line.startswith("timing round 1/2")):]
+    for stage, info in _by_name(report)["a"]["stages"].items():
+        turns = [n for n, s, _ in timed if s == stage]
+        assert turns.count("a") == turns.count("official") == info["runs"][0]["calls"]    # one batch each
+        assert turns.count("a") > 2 * config.repeats        # stub calls take microseconds: many turns a round
+    assert report["config"]["min_stage_s"] == 0.02
 
 
 def test_stage_verdicts_use_the_stage_tables_tolerances():

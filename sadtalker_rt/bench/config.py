@@ -26,7 +26,8 @@ class BenchConfig:
     batch_sizes: tuple[int, ...] = (OFFICIAL_BATCH,)  # per-frame stage timings; the first is the end-to-end batch
     frames: int = 8
     warmup: int = 1
-    repeats: int = 1                                  # timed calls per stage and batch in each round
+    repeats: int = 1                                  # timed calls per stage and batch in each round, at least
+    min_stage_s: float = 0.0                          # ... and more until each backend spent this on the stage
     rounds: int = 3                                   # rounds of interleaved timing (every backend once per round)
     end_to_end_rounds: bool = True                    # False: the rounds time stages only (no end-to-end run)
     image: Optional[Path] = None
@@ -42,9 +43,9 @@ class BenchConfig:
             raise UsageError(f"--frames must be at least 1, not {self.frames}.")
         if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
             raise UsageError(f"--batch-sizes must be positive integers, not {list(self.batch_sizes)}.")
-        if self.warmup < 0 or self.repeats < 1 or self.rounds < 1:
-            raise UsageError(f"--warmup must be >= 0, --repeats and --rounds >= 1 "
-                             f"(got {self.warmup}, {self.repeats}, {self.rounds}).")
+        if self.warmup < 0 or self.repeats < 1 or self.rounds < 1 or self.min_stage_s < 0:
+            raise UsageError(f"--warmup and --min-stage-ms must be >= 0, --repeats and --rounds >= 1 "
+                             f"(got {self.warmup}, {self.min_stage_s * 1000:g}, {self.repeats}, {self.rounds}).")
         if self.device not in ("auto", "cpu", "cuda"):
             raise UsageError(f"--device must be auto, cpu or cuda, not '{self.device}'.")
         if self.mouth_box not in ("landmarks", "fixed"):

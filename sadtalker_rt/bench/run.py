@@ -6,9 +6,10 @@
 2. Each backend is opened (exports or engine builds included: ``setup_s``), warmed up on the reference inputs
    at every batch it will be timed at, judged stage by stage on them, and run end to end once for frame,
    mouth, keypoint and head-pose parity (FP16 graphs on a CPU through ``EmulatedFp16Backend``).
-3. Timing, interleaved: ``rounds`` rounds, and in each round every backend in turn (official, A, B, ...; the
-   same order every round) makes ``repeats`` calls of every stage and batch on the same reference inputs, then
-   one end-to-end run. Background load therefore lands on all backends of a round alike. A backend's ratio to
+3. Timing, interleaved: ``rounds`` rounds; in each round the backends take turns call by call (official, A,
+   B, official, A, B, ...) on every stage's reference inputs, for at least ``repeats`` turns and until each has
+   spent ``min_stage_s`` on the stage, then each runs the utterance end to end once. Background load therefore
+   lands on all backends alike, even on stages of milliseconds. A backend's ratio to
    the official loop is computed within each round and reported as the median of the per-round ratios with
    their min and max.
 """
@@ -160,9 +161,7 @@ def run_bench(config: BenchConfig, progress: Callable[[str, int, int], None] | N
             gc.collect()
         for round_ in range(config.rounds):
             say(f"timing round {round_ + 1}/{config.rounds}: " + " ".join(c.name for c in contenders if c.ok))
-            for contender in contenders:
-                if contender.ok:
-                    _time_round(ctx, contender, reference, wav, round_)
+            _time_round(ctx, [c for c in contenders if c.ok], reference, wav, round_)
             load.mark_round()
         for contender in contenders:
             if contender.ok:
@@ -184,6 +183,7 @@ def run_bench(config: BenchConfig, progress: Callable[[str, int, int], None] | N
             "audio_seconds": len(wav) / float(SAMPLE_RATE), "fps": FPS, "preprocess": config.preprocess,
             "device": device, "batch_sizes": list(config.batch_sizes), "end_to_end_batch": config.e2e_batch,
             "official_batch": OFFICIAL_BATCH, "warmup": config.warmup, "repeats": config.repeats,
+            "min_stage_s": config.min_stage_s,
             "rounds": config.rounds, "end_to_end_rounds": config.end_to_end_rounds, "order": ["official"] + [c.name for c in contenders[1:] if c.ok],
             "backends_requested": list(names),
             "image": _display_path(config.image, media.demo_image()),
@@ -338,28 +338,60 @@ def _generate(ctx: BenchContext, instrumented: InstrumentedBackend, image, wav: 
 
 # ---------------------------------------------------------------------------------------------- timing rounds
 
-def _time_round(ctx: BenchContext, contender: Contender, reference: Reference, wav: np.ndarray, round_: int) -> None:
-    """One backend's share of one round: ``repeats`` calls per (stage, batch) on the reference inputs, then one
-    end-to-end run of the utterance from the prepared avatar."""
-    instrumented = contender.instrumented
-    instrumented.log.round = round_
+def _time_round(ctx: BenchContext, contenders: list[Contender], reference: Reference, wav: np.ndarray,
+                round_: int) -> None:
+    """One round: the backends take turns call by call (A B C, A B C, ...) on each stage's reference inputs,
+    at least ``repeats`` turns and until every backend has spent ``min_stage_s`` on the stage; then one
+    end-to-end run each. Calls of milliseconds are many and adjacent in time, so load lands on all alike."""
+    config = ctx.config
+    for contender in contenders:
+        contender.instrumented.log.round = round_
     try:
-        with instrumented.phase("timing"):
-            for stage, batch in timing_plan(ctx.stages, ctx.config.batch_sizes, contender.name == "official"):
-                feeds = reference.timing_feeds(stage, batch)
-                for _ in range(ctx.config.repeats):
-                    instrumented.runner(stage).infer(feeds)
-        if not ctx.config.end_to_end_rounds:
-            return
-        batch = OFFICIAL_BATCH if contender.name == "official" else ctx.config.e2e_batch
-        _, _, figures = _generate(ctx, instrumented, None, wav, batch, "timed", avatar=contender.avatar)
-        figures["batch"] = batch
-        contender.e2e_rounds.append(figures)
+        for stage in ctx.stages:
+            plans = {c.name: [reference.timing_feeds(stage, batch) for _, batch in
+                              timing_plan((stage,), config.batch_sizes, c.name == "official")] for c in contenders}
+            spent = {c.name: 0.0 for c in contenders}
+            turns = 0
+            while turns < MAX_TURNS and (turns < config.repeats or
+                                         min((spent[c.name] for c in contenders if c.ok), default=1e9) < config.min_stage_s):
+                for contender in contenders:
+                    if contender.ok:
+                        start = time.perf_counter()
+                        _guarded(contender, round_, _timed_calls, contender, stage, plans[contender.name])
+                        spent[contender.name] += time.perf_counter() - start
+                turns += 1
+        if config.end_to_end_rounds:
+            for contender in contenders:
+                if contender.ok:
+                    _guarded(contender, round_, _timed_end_to_end, ctx, contender, wav)
+    finally:
+        for contender in contenders:
+            contender.instrumented.log.round = -1
+
+
+MAX_TURNS = 1000        # a bound on the turns of one stage in one round, whatever min_stage_s asks
+
+
+def _guarded(contender: Contender, round_: int, work: Callable, *args) -> None:
+    try:
+        work(*args)
     except Exception as err:  # one backend's crash must not cost the others' measurements
         contender.entry["status"] = "failed"
         contender.entry["reason"] = f"round {round_ + 1}: {type(err).__name__}: {one_line(err)}"
-    finally:
-        instrumented.log.round = -1
+
+
+def _timed_calls(contender: Contender, stage: str, feeds_per_batch: list[dict]) -> None:
+    with contender.instrumented.phase("timing"):
+        runner = contender.instrumented.runner(stage)
+        for feeds in feeds_per_batch:
+            runner.infer(feeds)
+
+
+def _timed_end_to_end(ctx: BenchContext, contender: Contender, wav: np.ndarray) -> None:
+    batch = OFFICIAL_BATCH if contender.name == "official" else ctx.config.e2e_batch
+    _, _, figures = _generate(ctx, contender.instrumented, None, wav, batch, "timed", avatar=contender.avatar)
+    figures["batch"] = batch
+    contender.e2e_rounds.append(figures)
 
 
 def _rate_frames(stage: str, batch: int) -> int | None:
