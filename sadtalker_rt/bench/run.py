@@ -8,7 +8,8 @@
    mouth, keypoint and head-pose parity (FP16 graphs on a CPU through ``EmulatedFp16Backend``).
 3. Timing, interleaved: ``rounds`` rounds; in each round the backends take turns call by call (official, A,
    B, official, A, B, ...) on every stage's reference inputs, for at least ``repeats`` turns and until each has
-   spent ``min_stage_s`` on the stage, then each runs the utterance end to end once. Background load therefore
+   spent ``min_stage_s`` on the stage (each call after a short untimed pause: ``SETTLE_S``), then each runs the
+   utterance end to end once. Background load therefore
    lands on all backends alike, even on stages of milliseconds. A backend's ratio to
    the official loop is computed within each round and reported as the median of the per-round ratios with
    their min and max.
@@ -356,6 +357,7 @@ def _time_round(ctx: BenchContext, contenders: list[Contender], reference: Refer
                                          min((spent[c.name] for c in contenders if c.ok), default=1e9) < config.min_stage_s):
                 for contender in contenders:
                     if contender.ok:
+                        time.sleep(SETTLE_S)
                         start = time.perf_counter()
                         _guarded(contender, round_, _timed_calls, contender, stage, plans[contender.name])
                         spent[contender.name] += time.perf_counter() - start
@@ -369,7 +371,11 @@ def _time_round(ctx: BenchContext, contenders: list[Contender], reference: Refer
             contender.instrumented.log.round = -1
 
 
-MAX_TURNS = 1000        # a bound on the turns of one stage in one round, whatever min_stage_s asks
+MAX_TURNS = 100         # a bound on the turns of one stage in one round, whatever min_stage_s asks
+# Untimed pause before every call: onnxruntime's and OpenMP's pools spin for a while after a call, and a call
+# of another backend right after one ran at half speed on 2 cores (torch 7.7 ms after onnxruntime, 3.6 ms
+# after a 10 ms pause). Every call thus starts from idle threads, whichever backend ran before it.
+SETTLE_S = 0.02
 
 
 def _guarded(contender: Contender, round_: int, work: Callable, *args) -> None:
