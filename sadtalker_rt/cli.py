@@ -272,8 +272,8 @@ def bench(
                                            "the utterance end to end (default), or times the stages only"),
     repeats: int = typer.Option(1, "--repeats", help="timed calls per stage and batch in each round (before 0.2: "
                                                      "timed calls per stage in all; now multiplied by --rounds)"),
-    min_stage_ms: float = typer.Option(200.0, "--min-stage-ms", help="and more turns per stage in each round, "
-                                       "until each backend has spent this long on it (stages of milliseconds)"),
+    min_stage_ms: float = typer.Option(200.0, "--min-stage-ms", help="each backend's burst of calls per stage "
+                                       "and round lasts at least this long (stages of milliseconds)"),
     soak: Optional[int] = typer.Option(None, "--soak", metavar="N", help="instead of latency: N short jobs through "
                                        "one torch pipeline, watching resident memory and open descriptors"),
     old_version: bool = typer.Option(False, "--old-version", help="load the legacy .pth checkpoints"),

@@ -235,14 +235,14 @@ def test_backends_are_timed_interleaved_round_by_round_on_the_same_inputs():
         if name != runs[-1]:
             runs.append(name)
     turns = 3 * (len(report["baseline"]["stages"]) + 1)     # each round: a turn per stage, then end to end
-    assert runs == ["official", "a", "b"] * turns           # call by call, the same order every time
+    assert runs == ["official", "a", "b"] * turns           # the same order every time
     a = [(stage, feeds) for n, stage, feeds in timed if n == "a"]
     b = [(stage, feeds) for n, stage, feeds in timed if n == "b"]
     assert a == b                           # the same stages, the same inputs, byte for byte
     assert len(a) % 3 == 0 and a[: len(a) // 3] * 3 == a
 
 
-def test_short_stages_get_turns_until_each_backend_spent_the_minimum():
+def test_short_stages_are_timed_in_bursts_of_the_minimum_length():
     calls: list = []
 
     def opener(name):
@@ -258,8 +258,8 @@ def test_short_stages_get_turns_until_each_backend_spent_the_minimum():
     timed = calls[next(n for line, n in marks if line.startswith("timing round 1/2")):]
     for stage, info in _by_name(report)["a"]["stages"].items():
         turns = [n for n, s, _ in timed if s == stage]
-        assert turns.count("a") == turns.count("official") == info["runs"][0]["calls"]    # one batch each
-        assert turns.count("a") >= 2 * 5                    # 2 ms calls: about 10 turns a round reach 20 ms
+        assert turns.count("a") == info["runs"][0]["calls"] and turns.count("official") >= 2 * 5
+        assert turns.count("a") >= 2 * 5                    # 2 ms calls: about 10 a round fill 20 ms
     assert report["config"]["min_stage_s"] == 0.02
 
 

@@ -68,8 +68,8 @@ def to_markdown(report: dict) -> str:
         f"- run: {cfg['frames']} frames ({cfg['audio_seconds']:.2f} s of {cfg['audio']}), photo {cfg['image']}, "
         f"{cfg['preprocess']} mode, device {cfg['device']}",
         f"- timing: perf_counter around each call{' with CUDA synchronisation' if cfg['device'] == 'cuda' else ''}; "
-        f"{cfg['rounds']} rounds; in each, the backends take turns call by call ({', '.join(cfg['order'])}) on "
-        f"the same reference inputs, {_turns(cfg)} per stage and batch"
+        f"{cfg['rounds']} rounds; in each, stage after stage, the backends take turns ({', '.join(cfg['order'])}), "
+        f"each a burst of {_turns(cfg)} per batch on the same reference inputs"
         f"{' and one end-to-end run' if cfg['end_to_end_rounds'] else ' (stages only: no end-to-end rounds)'}; "
         f"warm-up {cfg['warmup']}; end-to-end batch {cfg['end_to_end_batch']}, official batch {cfg['official_batch']}",
         f"- weights: {cfg['weights']['identity']}; {report['created_utc']}",
@@ -194,5 +194,5 @@ def _turns(cfg: dict) -> str:
     """How many calls a round made per stage; reports before call-by-call turns made exactly ``repeats``."""
     least = f"{cfg['repeats']} call(s)"
     if cfg.get("min_stage_s"):
-        return f"at least {least} and {cfg['min_stage_s'] * 1000:g} ms"
+        return f"at least {least} lasting at least {cfg['min_stage_s'] * 1000:g} ms"
     return least

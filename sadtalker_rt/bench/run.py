@@ -6,11 +6,10 @@
 2. Each backend is opened (exports or engine builds included: ``setup_s``), warmed up on the reference inputs
    at every batch it will be timed at, judged stage by stage on them, and run end to end once for frame,
    mouth, keypoint and head-pose parity (FP16 graphs on a CPU through ``EmulatedFp16Backend``).
-3. Timing, interleaved: ``rounds`` rounds; in each round the backends take turns call by call (official, A,
-   B, official, A, B, ...) on every stage's reference inputs, for at least ``repeats`` turns and until each has
-   spent ``min_stage_s`` on the stage (each call after a short untimed pause: ``SETTLE_S``), then each runs the
-   utterance end to end once. Background load therefore
-   lands on all backends alike, even on stages of milliseconds. A backend's ratio to
+3. Timing, interleaved: ``rounds`` rounds; in each round, stage after stage, the backends take turns
+   (official, A, B, the same order every time), each a burst of at least ``repeats`` calls per batch lasting
+   at least ``min_stage_s`` on the stage's reference inputs; then each runs the utterance end to end once.
+   Background load therefore lands on all backends alike, even on stages of milliseconds. A backend's ratio to
    the official loop is computed within each round and reported as the median of the per-round ratios with
    their min and max.
 """
@@ -341,27 +340,20 @@ def _generate(ctx: BenchContext, instrumented: InstrumentedBackend, image, wav: 
 
 def _time_round(ctx: BenchContext, contenders: list[Contender], reference: Reference, wav: np.ndarray,
                 round_: int) -> None:
-    """One round: the backends take turns call by call (A B C, A B C, ...) on each stage's reference inputs,
-    at least ``repeats`` turns and until every backend has spent ``min_stage_s`` on the stage; then one
-    end-to-end run each. Calls of milliseconds are many and adjacent in time, so load lands on all alike."""
+    """One round: stage after stage, the backends take turns (A B C), each turn a burst of calls on the
+    stage's reference inputs: at least ``repeats`` calls per batch and more until the burst has lasted
+    ``min_stage_s``. Then one end-to-end run each. A stage of milliseconds is timed as a loop calls it, on
+    warm thread pools, and its backends' bursts lie within a second of each other, so load lands alike."""
     config = ctx.config
     for contender in contenders:
         contender.instrumented.log.round = round_
     try:
         for stage in ctx.stages:
-            plans = {c.name: [reference.timing_feeds(stage, batch) for _, batch in
-                              timing_plan((stage,), config.batch_sizes, c.name == "official")] for c in contenders}
-            spent = {c.name: 0.0 for c in contenders}
-            turns = 0
-            while turns < MAX_TURNS and (turns < config.repeats or
-                                         min((spent[c.name] for c in contenders if c.ok), default=1e9) < config.min_stage_s):
-                for contender in contenders:
-                    if contender.ok:
-                        time.sleep(SETTLE_S)
-                        start = time.perf_counter()
-                        _guarded(contender, round_, _timed_calls, contender, stage, plans[contender.name])
-                        spent[contender.name] += time.perf_counter() - start
-                turns += 1
+            for contender in contenders:
+                if contender.ok:
+                    feeds = [reference.timing_feeds(stage, batch) for _, batch in
+                             timing_plan((stage,), config.batch_sizes, contender.name == "official")]
+                    _guarded(contender, round_, _burst, contender, stage, feeds, config)
         if config.end_to_end_rounds:
             for contender in contenders:
                 if contender.ok:
@@ -371,11 +363,7 @@ def _time_round(ctx: BenchContext, contenders: list[Contender], reference: Refer
             contender.instrumented.log.round = -1
 
 
-MAX_TURNS = 100         # a bound on the turns of one stage in one round, whatever min_stage_s asks
-# Untimed pause before every call: onnxruntime's and OpenMP's pools spin for a while after a call, and a call
-# of another backend right after one ran at half speed on 2 cores (torch 7.7 ms after onnxruntime, 3.6 ms
-# after a 10 ms pause). Every call thus starts from idle threads, whichever backend ran before it.
-SETTLE_S = 0.02
+MAX_CALLS = 200         # a bound on one burst, whatever min_stage_s asks
 
 
 def _guarded(contender: Contender, round_: int, work: Callable, *args) -> None:
@@ -386,11 +374,14 @@ def _guarded(contender: Contender, round_: int, work: Callable, *args) -> None:
         contender.entry["reason"] = f"round {round_ + 1}: {type(err).__name__}: {one_line(err)}"
 
 
-def _timed_calls(contender: Contender, stage: str, feeds_per_batch: list[dict]) -> None:
+def _burst(contender: Contender, stage: str, feeds_per_batch: list[dict], config: BenchConfig) -> None:
     with contender.instrumented.phase("timing"):
         runner = contender.instrumented.runner(stage)
-        for feeds in feeds_per_batch:
-            runner.infer(feeds)
+        start, calls = time.perf_counter(), 0
+        while calls < MAX_CALLS and (calls < config.repeats or time.perf_counter() - start < config.min_stage_s):
+            for feeds in feeds_per_batch:
+                runner.infer(feeds)
+            calls += 1
 
 
 def _timed_end_to_end(ctx: BenchContext, contender: Contender, wav: np.ndarray) -> None:
