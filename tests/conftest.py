@@ -62,6 +62,29 @@ def fp32_graphs(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="session")
+def real_head():
+    """The pipeline on synthetic weights (seed 0) at 256, real renderer."""
+    from sadtalker_rt.models.checkpoints import WeightSource
+    from sadtalker_rt.runtime.pipeline import TalkingHead
+
+    return TalkingHead.from_weights(WeightSource(synthetic_seed=0), size=256)
+
+
+@pytest.fixture(scope="session")
+def avatar(real_head, assets_dir):
+    """happy.png prepared in crop mode."""
+    return real_head.prepare_avatar(assets_dir / "happy.png", "crop")
+
+
+@pytest.fixture(scope="session")
+def head(real_head):
+    """``real_head`` with the stand-in renderer (``CheapRenderer``)."""
+    from sadtalker_rt.runtime.pipeline import TalkingHead
+
+    return TalkingHead(CheapRendererBackend(real_head.backend), real_head.size)
+
+
 # Cases whose output is frames of the whole renderer. The recordings are reproduced bit for bit where this
 # machine's float32 kernels are the recording machine's (the generator case then gives 0.0). Where they are
 # not, the renderer amplifies reordered sums: a 3e-8 change in the keypoints (the same module at batch 1

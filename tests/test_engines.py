@@ -832,9 +832,9 @@ def test_no_gpu_is_one_sentence():
     assert str(err.value).count(". ") == 0 and err.value.exit_code == 5
 
 
-@pytest.fixture
-def fake_backend(tmp_path, monkeypatch):
-    """A TensorRTBackend whose TensorRT and CUDA are the fakes above, over engines 'built' by the stand-in."""
+def install_fake_tensorrt(monkeypatch, engine_class) -> FakeCuda:
+    """TensorRTBackend's TensorRT and CUDA replaced by the fakes; each engine an ``engine_class(stage, cuda)``,
+    the stage read from the stand-in builder's engine bytes ("engine of STAGE.onnx ...")."""
     from sadtalker_rt.runtime.backends import tensorrt_backend
 
     cuda = FakeCuda()
@@ -845,12 +845,19 @@ def fake_backend(tmp_path, monkeypatch):
         def __init__(self, severity):
             pass
 
-    def runtime(logger):      # the stand-in builder's engine bytes start "engine of STAGE.onnx"
-        return SimpleNamespace(deserialize_cuda_engine=lambda data: FakeEngine(data.split()[2][:-5].decode(), cuda))
+    def runtime(logger):
+        return SimpleNamespace(deserialize_cuda_engine=lambda data: engine_class(data.split()[2][:-5].decode(), cuda))
 
     trt = SimpleNamespace(**vars(FAKE_TRT), __version__=PLATFORM["trt_version"], Logger=Logger, Runtime=runtime)
     monkeypatch.setattr(tensorrt_backend, "import_tensorrt", lambda: trt)
     monkeypatch.setattr(tensorrt_backend, "Cuda", lambda: cuda)
+    return cuda
+
+
+@pytest.fixture
+def fake_backend(tmp_path, monkeypatch):
+    """A TensorRTBackend whose TensorRT and CUDA are the fakes above, over engines 'built' by the stand-in."""
+    cuda = install_fake_tensorrt(monkeypatch, FakeEngine)
     onnx_dir = export_dir(tmp_path / "onnx", {"mapping": b"m", "renderer": b"r"})
     _builds(onnx_dir, tmp_path / "engines")
     return tmp_path / "engines", cuda

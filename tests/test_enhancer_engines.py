@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from test_engines import FAKE_TRT, PLATFORM, FakeCuda, StandInBuilder, export_dir
+from test_engines import PLATFORM, FakeCuda, StandInBuilder, export_dir, install_fake_tensorrt
 from sadtalker_rt.build import polygraphy_check
 from sadtalker_rt.build.tensorrt import run_builds
 from sadtalker_rt.errors import UsageError, WeightsError
@@ -169,23 +169,7 @@ class StageEngine:
 @pytest.fixture
 def fake_tensorrt(monkeypatch):
     """TensorRTBackend's TensorRT and CUDA replaced by the stand-ins; engines named by the stand-in builder's bytes."""
-    from sadtalker_rt.runtime.backends import tensorrt_backend
-
-    cuda = FakeCuda()
-
-    class Logger:
-        WARNING = 2
-
-        def __init__(self, severity):
-            pass
-
-    def runtime(logger):          # the stand-in builder's engine bytes start "engine of STAGE.onnx"
-        return SimpleNamespace(deserialize_cuda_engine=lambda data: StageEngine(data.split()[2][:-5].decode(), cuda))
-
-    trt = SimpleNamespace(**vars(FAKE_TRT), __version__=PLATFORM["trt_version"], Logger=Logger, Runtime=runtime)
-    monkeypatch.setattr(tensorrt_backend, "import_tensorrt", lambda: trt)
-    monkeypatch.setattr(tensorrt_backend, "Cuda", lambda: cuda)
-    return cuda
+    return install_fake_tensorrt(monkeypatch, StageEngine)
 
 
 class HostNetworks:

@@ -11,7 +11,6 @@ import pytest
 
 from conftest import CheapRendererBackend
 from sadtalker_rt import media
-from sadtalker_rt.models.checkpoints import WeightSource
 from sadtalker_rt.runtime.enhancer import FaceEnhancer
 from sadtalker_rt.runtime.pipeline import Options, TalkingHead
 from sadtalker_rt.runtime.scheduler import SerialExecutor, one_batch_ahead
@@ -83,16 +82,6 @@ class LoggingBackend(CheapRendererBackend):
         executor = SerialExecutor(self.runner)
         executor.enhance_in_worker = self.in_worker
         return executor
-
-
-@pytest.fixture(scope="module")
-def real_head() -> TalkingHead:
-    return TalkingHead.from_weights(WeightSource(synthetic_seed=0), size=256)
-
-
-@pytest.fixture(scope="module")
-def avatar(real_head, assets_dir):
-    return real_head.prepare_avatar(assets_dir / "happy.png", "crop")
 
 
 @pytest.fixture(scope="module")

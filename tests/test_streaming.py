@@ -6,10 +6,8 @@ import asyncio
 import numpy as np
 import pytest
 
-from conftest import CheapRendererBackend
 from sadtalker_rt import media
-from sadtalker_rt.models.checkpoints import WeightSource
-from sadtalker_rt.runtime.pipeline import Options, TalkingHead
+from sadtalker_rt.runtime.pipeline import Options
 from sadtalker_rt.runtime.streaming import FrameStream
 
 CHUNK_MS = (1, 20, 333, None)          # None: the whole audio as one chunk
@@ -28,21 +26,6 @@ def max_lag_frames(batch_size: int, chunk_frames: float) -> float:
     more frames' coefficients, smoothing 6 more raw poses, the PoseVAE chunk holding that pose up to 31 more, a
     mel window 3.3 more (rounded up: 55); plus the rest of a renderer batch and of the chunk that brought it."""
     return 55 + batch_size - 1 + chunk_frames
-
-
-@pytest.fixture(scope="module")
-def real_head() -> TalkingHead:
-    return TalkingHead.from_weights(WeightSource(synthetic_seed=0), size=256)
-
-
-@pytest.fixture(scope="module")
-def avatar(real_head, assets_dir):
-    return real_head.prepare_avatar(assets_dir / "happy.png", "crop")
-
-
-@pytest.fixture(scope="module")
-def head(real_head) -> TalkingHead:
-    return TalkingHead(CheapRendererBackend(real_head.backend), real_head.size)
 
 
 def speech(assets_dir, name: str, seconds: float) -> np.ndarray:

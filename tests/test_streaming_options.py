@@ -8,7 +8,6 @@ import pytest
 from conftest import CheapRendererBackend, cheap_face_enhancer
 from sadtalker_rt import media
 from sadtalker_rt.errors import InputError
-from sadtalker_rt.models.checkpoints import WeightSource
 from sadtalker_rt.runtime import overrides
 from sadtalker_rt.runtime.pipeline import Options, TalkingHead
 from sadtalker_rt.runtime.reference_video import ReferenceTrack
@@ -108,21 +107,6 @@ def test_free_view_first_angle_and_fixed_lists():
 
 
 # ------------------------------------------------------------------------------ end to end, stand-in renderer
-
-@pytest.fixture(scope="module")
-def real_head() -> TalkingHead:
-    return TalkingHead.from_weights(WeightSource(synthetic_seed=0), size=256)
-
-
-@pytest.fixture(scope="module")
-def avatar(real_head, assets_dir):
-    return real_head.prepare_avatar(assets_dir / "happy.png", "crop")
-
-
-@pytest.fixture(scope="module")
-def head(real_head) -> TalkingHead:
-    return TalkingHead(CheapRendererBackend(real_head.backend), real_head.size)
-
 
 def frames_before_the_end(heard) -> int:
     return sum(h is not None for h in heard)
