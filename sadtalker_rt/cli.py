@@ -274,6 +274,8 @@ def bench(
                                                      "timed calls per stage in all; now multiplied by --rounds)"),
     min_stage_ms: float = typer.Option(200.0, "--min-stage-ms", help="each backend's burst of calls per stage "
                                        "and round lasts at least this long (stages of milliseconds)"),
+    threads: int = typer.Option(0, "--threads", help="CPU threads of one call in every backend, the official loop "
+                                "included (0: each library's own choice, one per core)"),
     soak: Optional[int] = typer.Option(None, "--soak", metavar="N", help="instead of latency: N short jobs through "
                                        "one torch pipeline, watching resident memory and open descriptors"),
     old_version: bool = typer.Option(False, "--old-version", help="load the legacy .pth checkpoints"),
@@ -324,7 +326,8 @@ def bench(
     config = bench_mod.BenchConfig(
         weights=weights, size=size, backends=bench_mod.parse_list(backends),
         batch_sizes=bench_mod.parse_list(batch_sizes, int), frames=frames, warmup=warmup, repeats=repeats,
-        min_stage_s=min_stage_ms / 1000.0, rounds=rounds, end_to_end_rounds=end_to_end_rounds, image=image, audio=audio, engines_dir=engines_dir, device=device,
+        min_stage_s=min_stage_ms / 1000.0, rounds=rounds, threads=threads, end_to_end_rounds=end_to_end_rounds,
+        image=image, audio=audio, engines_dir=engines_dir, device=device,
         export_source=source_image(image, size))
     config.validate()
     if weights.synthetic:

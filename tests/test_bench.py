@@ -263,6 +263,41 @@ def test_short_stages_are_timed_in_bursts_of_the_minimum_length():
     assert report["config"]["min_stage_s"] == 0.02
 
 
+def test_threads_hold_torch_to_the_given_count_during_the_run_and_restore_it():
+    import torch
+
+    seen: set = set()
+
+    class Counting(Recorder):
+        def runner(self, stage):
+            inner = super().runner(stage)
+            infer = inner.infer
+            inner.infer = lambda feeds: (seen.add(torch.get_num_threads()), infer(feeds))[1]
+            return inner
+
+    def opener(name):
+        return lambda ctx: bench.Opened(Counting(name, []), "stub", "cpu", "fp32", {s: "fp32" for s in ctx.stages})
+
+    before = torch.get_num_threads()
+    config = bench.BenchConfig(weights=WeightSource(synthetic_seed=0, size=SIZE), size=SIZE, backends=("a",),
+                               frames=2, warmup=0, repeats=1, rounds=1, device="cpu", mouth_box="fixed",
+                               end_to_end_rounds=False, threads=1)
+    report = bench.run_bench(config, openers={"official": opener("official"), "a": opener("a")})
+    assert seen == {1} and torch.get_num_threads() == before
+    assert report["config"]["threads"] == 1 and report["environment"]["cpu"]["torch_threads"] == 1
+    assert "1 thread(s) per call in every backend" in bench.to_markdown(report)
+    with pytest.raises(bench.UsageError, match="--threads"):
+        bench.BenchConfig(weights=WeightSource(synthetic_seed=0, size=SIZE), threads=-1).validate()
+
+
+def test_onnxruntime_backend_gives_every_session_the_thread_count(fp32_graphs):
+    from sadtalker_rt.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+
+    backend = OnnxRuntimeBackend(fp32_graphs, intra_op_threads=1)
+    for stage in ("mapping", "audio2exp"):
+        assert backend.runner(stage).session.get_session_options().intra_op_num_threads == 1
+
+
 def test_stage_verdicts_use_the_stage_tables_tolerances():
     from sadtalker_rt.parity import judge
 

@@ -162,7 +162,7 @@ def _open_onnxruntime(ctx: BenchContext, precision: str) -> Opened:
     if ctx.device == "cuda" and precision == "fp16":
         raise BackendSkipped("onnxruntime's CUDA provider runs 5-D GridSample in float32 only")
     directory, notes = _graphs(ctx, precision)
-    backend = OnnxRuntimeBackend(directory, device=ctx.device)
+    backend = OnnxRuntimeBackend(directory, device=ctx.device, intra_op_threads=ctx.config.threads)
     opened = Opened(backend, "onnxruntime", ctx.device, precision, _manifest_precisions(directory, ctx.stages), notes)
     if precision == "fp16" and ctx.device == "cpu":
         # onnxruntime's CPU provider computes FP16 nodes in float32, so its outputs hide FP16's error; parity is

@@ -29,6 +29,7 @@ class BenchConfig:
     repeats: int = 1                                  # timed calls per stage and batch in each round, at least
     min_stage_s: float = 0.0                          # ... and more until each backend spent this on the stage
     rounds: int = 3                                   # rounds of interleaved timing (every backend once per round)
+    threads: int = 0                                  # CPU threads of one call, every backend (0: each library's own)
     end_to_end_rounds: bool = True                    # False: the rounds time stages only (no end-to-end run)
     image: Optional[Path] = None
     audio: Optional[Path] = None
@@ -46,6 +47,8 @@ class BenchConfig:
         if self.warmup < 0 or self.repeats < 1 or self.rounds < 1 or self.min_stage_s < 0:
             raise UsageError(f"--warmup and --min-stage-ms must be >= 0, --repeats and --rounds >= 1 "
                              f"(got {self.warmup}, {self.min_stage_s * 1000:g}, {self.repeats}, {self.rounds}).")
+        if self.threads < 0:
+            raise UsageError(f"--threads must be 0 (each library's own choice) or more, not {self.threads}.")
         if self.device not in ("auto", "cpu", "cuda"):
             raise UsageError(f"--device must be auto, cpu or cuda, not '{self.device}'.")
         if self.mouth_box not in ("landmarks", "fixed"):

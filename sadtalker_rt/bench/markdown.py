@@ -71,7 +71,8 @@ def to_markdown(report: dict) -> str:
         f"{cfg['rounds']} rounds; in each, stage after stage, the backends take turns ({', '.join(cfg['order'])}), "
         f"each a burst of {_turns(cfg)} per batch on the same reference inputs"
         f"{' and one end-to-end run' if cfg['end_to_end_rounds'] else ' (stages only: no end-to-end rounds)'}; "
-        f"warm-up {cfg['warmup']}; end-to-end batch {cfg['end_to_end_batch']}, official batch {cfg['official_batch']}",
+        f"warm-up {cfg['warmup']}; end-to-end batch {cfg['end_to_end_batch']}, official batch {cfg['official_batch']}"
+        f"{_threads(cfg)}",
         f"- weights: {cfg['weights']['identity']}; {report['created_utc']}",
         "",
         "## Latency per stage",
@@ -188,6 +189,12 @@ def _load_line(load: dict) -> str:
     return (f"1-minute load average {one(load['load_average_start'])} at the start, {rounds or '-'} after each "
             f"round, {one(load['load_average_end'])} at the end; {load['usable_cores']} usable of "
             f"{load['cpu_count']} cores")
+
+
+def _threads(cfg: dict) -> str:
+    if not cfg.get("threads"):
+        return ""
+    return f"; {cfg['threads']} thread(s) per call in every backend (torch and onnxruntime intra-op threads)"
 
 
 def _turns(cfg: dict) -> str:

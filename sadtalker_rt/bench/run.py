@@ -118,6 +118,22 @@ def timing_plan(stages: tuple[str, ...], batch_sizes: tuple[int, ...], official:
     return plan
 
 
+@contextlib.contextmanager
+def _torch_threads(threads: int):
+    """torch's intra-op threads for the run (the official loop and the torch backends), restored after."""
+    if not threads:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def run_bench(config: BenchConfig, progress: Callable[[str, int, int], None] | None = None,
               openers: Mapping[str, Opener] | None = None, log: Callable[[str], None] | None = None,
               command: str | None = None) -> dict:
@@ -146,7 +162,7 @@ def run_bench(config: BenchConfig, progress: Callable[[str, int, int], None] | N
     stages = tuple(s for s in DEFAULT_PIPELINE if s not in unused_mapping)
     memory = MemoryProbe()
     load = LoadMonitor()
-    with tempfile.TemporaryDirectory(prefix="sadtalker-rt-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="sadtalker-rt-bench-") as tmp, _torch_threads(config.threads):
         ctx = BenchContext(config, device, Path(tmp), stages, progress, config.export_source)
         say(f"official baseline: float32 eager PyTorch, whole generator per call, batch {OFFICIAL_BATCH}")
         official, reference = _open_baseline(ctx, table["official"], image, wav, memory)
@@ -168,6 +184,7 @@ def run_bench(config: BenchConfig, progress: Callable[[str, int, int], None] | N
                 contender.entry["stages"] = _stage_timings(ctx, contender, reference)
                 contender.entry["end_to_end"] = _e2e_summary(contender, wav)
         ctx.torch_backends.clear()
+        measured_on = environment(device)
     baseline, runs = official.entry, [c.entry for c in contenders[1:]]
     add_ratios(baseline, runs)
     precisions = {p for c in contenders if c.ok for p in c.entry["stage_precision"].values()} | {"fp32"}
@@ -176,14 +193,14 @@ def run_bench(config: BenchConfig, progress: Callable[[str, int, int], None] | N
         "tool": {"name": "sadtalker-rt bench", "version": __version__},
         "command": command,
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "environment": environment(device),
+        "environment": measured_on,
         "machine_load": load.as_dict(),
         "config": {
             "size": config.size, "frames": int(reference.frames.shape[0]),
             "audio_seconds": len(wav) / float(SAMPLE_RATE), "fps": FPS, "preprocess": config.preprocess,
             "device": device, "batch_sizes": list(config.batch_sizes), "end_to_end_batch": config.e2e_batch,
             "official_batch": OFFICIAL_BATCH, "warmup": config.warmup, "repeats": config.repeats,
-            "min_stage_s": config.min_stage_s,
+            "min_stage_s": config.min_stage_s, "threads": config.threads,
             "rounds": config.rounds, "end_to_end_rounds": config.end_to_end_rounds, "order": ["official"] + [c.name for c in contenders[1:] if c.ok],
             "backends_requested": list(names),
             "image": _display_path(config.image, media.demo_image()),

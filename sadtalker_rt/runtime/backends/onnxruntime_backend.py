@@ -92,8 +92,10 @@ class OnnxRuntimeRunner:
 class OnnxRuntimeBackend(SerialBackend):
     name = "onnxruntime"
 
-    def __init__(self, directory: Path, device: str = "cpu"):
+    def __init__(self, directory: Path, device: str = "cpu", intra_op_threads: int = 0):
+        """``intra_op_threads``: threads of one call, every stage (0: onnxruntime's choice, one per core)."""
         self.directory = Path(directory)
+        self.intra_op_threads = intra_op_threads
         self.manifest = load_manifest(self.directory)
         self.size = int(self.manifest["size"])
         self.precision = self.manifest.get("precision")
@@ -111,7 +113,7 @@ class OnnxRuntimeBackend(SerialBackend):
     def runner(self, stage: str) -> OnnxRuntimeRunner:
         if stage not in self._runners:
             path = verified_path(self.directory, self.manifest, stage)
-            self._runners[stage] = OnnxRuntimeRunner(stage, path, self._providers, self.size)
+            self._runners[stage] = OnnxRuntimeRunner(stage, path, self._providers, self.size, self.intra_op_threads)
         return self._runners[stage]
 
     def describe(self) -> dict:
