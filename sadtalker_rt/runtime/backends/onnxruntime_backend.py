@@ -113,7 +113,8 @@ class OnnxRuntimeBackend(SerialBackend):
     def runner(self, stage: str) -> OnnxRuntimeRunner:
         if stage not in self._runners:
             path = verified_path(self.directory, self.manifest, stage)
-            self._runners[stage] = OnnxRuntimeRunner(stage, path, self._providers, self.size, self.intra_op_threads)
+            self._runners[stage] = OnnxRuntimeRunner(stage, path, self._providers, self.size,
+                                                     intra_op_threads=self.intra_op_threads)
         return self._runners[stage]
 
     def describe(self) -> dict:
